@@ -1,0 +1,50 @@
+"""Reference scorer: per-token log-probs of the frozen base model over the response
+tokens of training rows, computed once (Ray Data actors) and stored, so DPO and the
+f-divergence objectives never hold a second model while training."""
+from __future__ import annotations
+
+import torch
+
+from actors.sequences import encode, micro_batches, pad_batch
+from actors.token_logprobs import causal_lm_token_logprobs
+
+
+class ReferenceScorer:
+    """Ray Data callable class. Rows carry `prompt` and the completion columns named in
+    `targets`; for each target column c it adds `ref_<c>` (list of floats, one per
+    response token, aligned with actors.sequences.encode)."""
+
+    def __init__(self, model_path: str, max_len: int, targets: list[str], token_budget: int = 8192,
+                 chunk_tokens: int = 2048):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+        self.max_len, self.targets, self.budget, self.chunk = max_len, targets, token_budget, chunk_tokens
+        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], completions: list[str]) -> list[list[float] | None]:
+        encoded = [encode(self.tokenizer, p, c, self.max_len) for p, c in zip(prompts, completions)]
+        out: list[list[float] | None] = [None] * len(encoded)
+        valid = [i for i, e in enumerate(encoded) if e is not None]
+        for mb in micro_batches([len(encoded[i]["ids"]) for i in valid], self.budget):
+            idx = [valid[j] for j in mb]
+            batch = pad_batch([encoded[i] for i in idx], self.pad)
+            device = next(self.model.parameters()).device
+            logp = causal_lm_token_logprobs(self.model, batch["input_ids"].to(device),
+                                            batch["attention_mask"].to(device), chunk_tokens=self.chunk).float().cpu()
+            for row, i in enumerate(idx):
+                m = batch["mask"][row].bool()
+                out[i] = logp[row][m].tolist()
+        return out
+
+    def __call__(self, batch: dict) -> dict:
+        prompts = list(batch["prompt"])
+        for col in self.targets:
+            scores = self.score(prompts, list(batch[col]))
+            batch[f"ref_{col}"] = [s if s is not None else [] for s in scores]
+            batch[f"ref_{col}_tokens"] = [len(s) if s is not None else 0 for s in scores]
+        return batch

@@ -1,0 +1,354 @@
+"""The per-worker training loop: one plain function, run by Ray Train's TorchTrainer on
+N workers, or alone in one process (how it is benchmarked on a lone GPU).
+
+DeepSpeed ZeRO is the engine (gloo on CPU, nccl on GPU). Gradient accumulation is
+unmanaged: each worker runs as many micro-batches as its share of the step needs (token
+budget, length grouping), and every loss is divided by the *global* number of response
+tokens (pairs for DPO) of the optimizer step, so 2 workers x 2 micro-batches give the
+same update as one process on the whole batch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from actors.objectives import (OBJECTIVE_SPECS, dpo_stats, kl_estimate, mean_implicit_reward, mean_token_prob,
+                               sequence_logp)
+from actors.sequences import encode, micro_batches, pad_batch, response_len, step_schedule
+from actors.token_logprobs import causal_lm_token_logprobs
+
+CKPT_TAG = "ckpt"
+
+
+# ----------------------------------------------------------------------------- data
+def load_units(cfg: dict, tokenizer) -> list[dict]:
+    """Training units: one sequence (sft/rft/dft/f-div) or one (chosen, rejected) pair."""
+    from pipeline.store import RunStore
+
+    store = RunStore(cfg["store_uri"])
+    rows = store.read_rows(cfg["data_file"])
+    refs = _reference_by_key(store, cfg) if cfg.get("reference_file") else None
+    units = []
+    for row in rows:
+        if cfg["data"] == "pairs":
+            c = encode(tokenizer, row["prompt"], row["chosen"], cfg["max_len"])
+            r = encode(tokenizer, row["prompt"], row["rejected"], cfg["max_len"])
+            if c is None or r is None:
+                continue
+            unit = {"c": c, "r": r}
+            if refs is not None:
+                ref = _lookup(refs, (row["prompt_id"], row["pair_idx"]), cfg)
+                unit["ref_c"], unit["ref_r"] = _checked(ref["ref_chosen"], c, cfg), _checked(ref["ref_rejected"], r, cfg)
+        else:
+            if cfg["data"] == "gold":
+                from pipeline.prompt_templates import render_prompt
+
+                prompt, completion = render_prompt(tokenizer, cfg["template"], row["problem"]), row["solution"]
+            else:
+                prompt, completion = row["prompt"], row["completion"]
+            ex = encode(tokenizer, prompt, completion, cfg["max_len"])
+            if ex is None:
+                continue
+            unit = {"ex": ex}
+            if refs is not None:
+                unit["ref"] = _checked(_lookup(refs, (row["prompt_id"], row["sample_idx"]), cfg)["ref_completion"], ex, cfg)
+        units.append(unit)
+    return units
+
+
+def _reference_by_key(store, cfg) -> dict:
+    key = "pair_idx" if cfg["data"] == "pairs" else "sample_idx"
+    return {(r["prompt_id"], r[key]): r for r in store.read_rows(cfg["reference_file"])}
+
+
+def _lookup(refs: dict, key, cfg) -> dict:
+    if key not in refs:
+        raise ValueError(f"reference file {cfg['reference_file']} has no row for {key}: it does not match the "
+                         f"training rows of {cfg['data_file']}; re-run the reference stage")
+    return refs[key]
+
+
+def _checked(ref: list, ex: dict, cfg) -> list:
+    if len(ref) != response_len(ex):
+        raise ValueError(f"reference file {cfg['reference_file']}: {len(ref)} log-probs for a response of "
+                         f"{response_len(ex)} tokens: it was computed with another tokenizer or max_len")
+    return list(ref)
+
+
+def unit_length(unit: dict) -> int:
+    return max(len(unit["c"]["ids"]), len(unit["r"]["ids"])) if "c" in unit else len(unit["ex"]["ids"])
+
+
+def unit_tokens(unit: dict) -> int:
+    return response_len(unit["c"]) + response_len(unit["r"]) if "c" in unit else response_len(unit["ex"])
+
+
+# ----------------------------------------------------------------------------- loss
+def micro_batch_loss(model, units: list[dict], objective: str, normalizer: float, cfg: dict, pad_id: int):
+    """Loss of one micro-batch, already divided by the global normalizer; + diagnostics."""
+    spec = OBJECTIVE_SPECS[objective]
+    device = next(model.parameters()).device
+    if spec.uses_pairs:
+        examples = [u["c"] for u in units] + [u["r"] for u in units]
+        refs = [u["ref_c"] for u in units] + [u["ref_r"] for u in units]
+    else:
+        examples = [u["ex"] for u in units]
+        refs = [u["ref"] for u in units] if spec.needs_reference else None
+    batch = {k: (v.to(device) if v is not None else None) for k, v in pad_batch(examples, pad_id, refs).items()}
+    logp = causal_lm_token_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                                    chunk_tokens=cfg["logprob_chunk_tokens"])
+    mask, ref = batch["mask"], batch["ref_logp"]
+    stats = {"token_prob": mean_token_prob(logp, mask).item(), "tokens": mask.sum().item()}
+    if spec.uses_pairs:
+        k = len(units)
+        seq, ref_seq = sequence_logp(logp, mask), sequence_logp(ref, mask)
+        loss = spec.loss(seq[:k], seq[k:], ref_seq[:k], ref_seq[k:], cfg["beta"], normalizer)
+        stats.update({key: v.item() for key, v in dpo_stats(seq[:k], seq[k:], ref_seq[:k], ref_seq[k:],
+                                                               cfg["beta"]).items()})
+    elif spec.needs_reference:
+        loss = spec.loss(logp, ref, mask, normalizer, cfg["beta"])
+    else:
+        loss = spec.loss(logp, mask, normalizer)
+    if ref is not None:
+        stats["implicit_reward"] = mean_implicit_reward(logp, ref, mask, cfg["beta"]).item()
+        stats["kl_to_reference"] = kl_estimate(logp, ref, mask).item()
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------- engine
+def _ds_config(cfg: dict, on_gpu: bool) -> dict:
+    bf16 = cfg["precision"] == "bf16" or (cfg["precision"] == "auto" and on_gpu)
+    zero = {"stage": cfg["zero_stage"]}
+    if cfg["zero_stage"] == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,  # we decide the accumulation boundary
+        "gradient_clipping": cfg["grad_clip"], "zero_optimization": zero,
+        "bf16": {"enabled": bf16}, "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10 ** 9, "wall_clock_breakdown": False,
+    }
+
+
+def _lr_lambda(total_steps: int, warmup_ratio: float):
+    warmup = max(1, int(round(total_steps * warmup_ratio))) if warmup_ratio > 0 else 0
+
+    def f(step: int) -> float:  # linear warmup then cosine to 0
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def _init_distributed(on_gpu: bool) -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    dist.init_process_group("nccl" if on_gpu else "gloo")
+
+
+def build_engine(cfg: dict, model, total_steps: int):
+    import deepspeed
+
+    on_gpu = torch.cuda.is_available() and cfg.get("use_gpu", False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg["optimizer"] == "sgd":  # plain SGD: the update is -lr * grad (used to test scaling)
+        opt = torch.optim.SGD(params, lr=cfg["lr"])
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total_steps, cfg["warmup_ratio"]))
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                                           config=_ds_config(cfg, on_gpu))
+    return engine, scheduler
+
+
+# ----------------------------------------------------------------------------- loop
+def train_loop(cfg: dict) -> dict:
+    """Train one objective. cfg keys: see pipeline/train_stage.py `loop_config`."""
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    in_ray = cfg.get("in_ray", False)
+    on_gpu = torch.cuda.is_available() and cfg.get("use_gpu", False)
+    _init_distributed(on_gpu)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(cfg["seed"])
+    tokenizer = AutoTokenizer.from_pretrained(cfg["model_path"])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    units = load_units(cfg, tokenizer)
+    if not units:
+        raise ValueError(f"{cfg['data_file']}: no training rows fit in max_len={cfg['max_len']}")
+    schedule = step_schedule(len(units), cfg["batch_size"], cfg["epochs"], cfg["seed"])
+    model = AutoModelForCausalLM.from_pretrained(cfg["model_path"], dtype=torch.float32)
+    model.config.use_cache = False
+    if cfg.get("gradient_checkpointing"):
+        model.gradient_checkpointing_enable()
+    engine, scheduler = build_engine(cfg, model, len(schedule))
+    start_step, history = _restore(engine, cfg, in_ray)
+    objective = cfg["objective"]
+    uses_pairs = OBJECTIVE_SPECS[objective].uses_pairs
+    width = 2 if uses_pairs else 1
+    lengths = [unit_length(u) for u in units]
+    t0, tokens_seen = time.time(), 0
+    for step in range(start_step, len(schedule)):
+        step_units = schedule[step]
+        # Everyone knows the whole step batch, so the global normalizer needs no collective.
+        normalizer = len(step_units) if uses_pairs else sum(unit_tokens(units[i]) for i in step_units)
+        plans = [micro_batches([lengths[i] for i in step_units[r::world]], cfg["micro_batch_tokens"], width)
+                 for r in range(world)]
+        mine = step_units[rank::world]
+        my_plan = plans[rank] + [[]] * (max(map(len, plans)) - len(plans[rank]))  # equal backward count per rank
+        agg: dict[str, float] = {}
+        total_loss = 0.0
+        for mb in my_plan:
+            if mb:
+                loss, stats = micro_batch_loss(engine.module, [units[mine[i]] for i in mb], objective,
+                                               normalizer, cfg, pad_id)
+            else:  # a zero-weight pass keeps ZeRO's per-backward collectives in step
+                loss, stats = micro_batch_loss(engine.module, [units[mine[0] if mine else step_units[0]]],
+                                               objective, normalizer, cfg, pad_id)
+                loss, stats = loss * 0.0, {}
+            # DeepSpeed averages gradients over ranks; scale back up to a global sum / N.
+            engine.backward(loss * world, scale_wrt_gas=False)
+            total_loss += loss.item()
+            n = stats.get("tokens", 0.0)
+            for k, v in stats.items():
+                agg[k] = agg.get(k, 0.0) + (v if k == "tokens" else v * n)
+        engine.step()
+        metrics = _step_metrics(engine, scheduler, total_loss, agg, step, len(schedule), t0, objective)
+        tokens_seen += metrics["tokens"]
+        metrics["tokens_per_s"] = round(tokens_seen / max(time.time() - t0, 1e-9), 1)
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"{objective}: loss is {metrics['loss']} at step {step + 1}; stopping with "
+                                     f"the last good checkpoint intact (lower train.lr or check the data)")
+        history.append(metrics)
+        _maybe_die(cfg, step + 1, rank)
+        last = step + 1 == len(schedule)
+        if (step + 1) % cfg["checkpoint_every"] == 0 or last:
+            _checkpoint(engine, cfg, history, step + 1, metrics, in_ray, final=last)
+        elif in_ray:
+            import ray.train
+
+            ray.train.report(metrics)
+    if rank == 0:
+        _export(engine, tokenizer, cfg, history)
+    dist.barrier()
+    return {"steps": len(schedule), "history": history}
+
+
+def stat_keys(objective: str) -> list[str]:
+    spec = OBJECTIVE_SPECS[objective]
+    keys = ["token_prob"]
+    if spec.needs_reference:
+        keys += ["implicit_reward", "kl_to_reference"]
+    if spec.uses_pairs:
+        keys += ["chosen_reward", "rejected_reward", "reward_margin", "accuracy"]
+    return keys
+
+
+def _step_metrics(engine, scheduler, total_loss, agg, step, total_steps, t0, objective) -> dict:
+    """Loss and token-weighted diagnostics summed over ranks: every rank logs the same."""
+    import torch.distributed as dist
+
+    keys = stat_keys(objective)
+    vec = torch.tensor([total_loss, agg.get("tokens", 0.0)] + [agg.get(k, 0.0) for k in keys], dtype=torch.float64)
+    dist.all_reduce(vec)
+    tokens = vec[1].item()
+    gn = engine.get_global_grad_norm()
+    out = {"step": step + 1, "total_steps": total_steps, "loss": vec[0].item(), "lr": scheduler.get_last_lr()[0],
+           "grad_norm": float(gn) if gn is not None else None, "tokens": tokens,
+           "elapsed_s": round(time.time() - t0, 3)}
+    out["tokens_per_s"] = None
+    for i, k in enumerate(keys):
+        out[k] = vec[2 + i].item() / max(tokens, 1)
+    return out
+
+
+def _maybe_die(cfg: dict, step: int, rank: int) -> None:
+    """Fault injection for the recovery test: SIGKILL this worker once at a given step."""
+    spec = cfg.get("kill_worker_at")  # {"step": k, "rank": r, "marker": path}
+    if spec and spec["step"] == step and spec["rank"] == rank and not os.path.exists(spec["marker"]):
+        Path(spec["marker"]).write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _checkpoint(engine, cfg, history, step, metrics, in_ray, final=False) -> None:
+    import torch.distributed as dist
+
+    if in_ray:
+        import ray.train
+
+        tmp = tempfile.mkdtemp(prefix="verifine-ckpt-")
+        engine.save_checkpoint(tmp, tag=CKPT_TAG)
+        if dist.get_rank() == 0:
+            Path(tmp, "state.json").write_text(json.dumps({"step": step, "history": history}))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        shutil.rmtree(tmp, ignore_errors=True)
+    elif cfg.get("local_checkpoint_dir"):
+        d = cfg["local_checkpoint_dir"]
+        engine.save_checkpoint(d, tag=CKPT_TAG)
+        if dist.get_rank() == 0:
+            Path(d, "state.json").write_text(json.dumps({"step": step, "history": history}))
+
+
+def _restore(engine, cfg, in_ray) -> tuple[int, list]:
+    if in_ray:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return 0, []
+        with ckpt.as_directory() as d:
+            return _load(engine, d)
+    d = cfg.get("local_checkpoint_dir")
+    if d and Path(d, "state.json").exists():
+        return _load(engine, d)
+    return 0, []
+
+
+def _load(engine, d) -> tuple[int, list]:
+    engine.load_checkpoint(d, tag=CKPT_TAG)
+    state = json.loads(Path(d, "state.json").read_text())
+    print(f"resumed from checkpoint at step {state['step']}", flush=True)
+    return state["step"], state["history"]
+
+
+def _export(engine, tokenizer, cfg, history: list[dict]) -> None:
+    """The final model as a normal HF directory (safetensors + tokenizer) in the store."""
+    from pipeline.store import RunStore
+
+    out = Path(tempfile.mkdtemp(prefix="verifine-export-"))
+    try:
+        model = engine.module
+        if cfg["zero_stage"] == 3:
+            state = engine._zero3_consolidated_16bit_state_dict()
+            model.save_pretrained(out, state_dict=state, safe_serialization=True)
+        else:
+            model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        store = RunStore(cfg["store_uri"])
+        for f in sorted(out.iterdir()):
+            store.write_bytes(f"{cfg['export_dir']}/{f.name}", f.read_bytes())
+        store.write_bytes(cfg["metrics_file"], "".join(json.dumps(m) + "\n" for m in history).encode())
+    finally:
+        shutil.rmtree(out, ignore_errors=True)

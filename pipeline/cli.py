@@ -1,0 +1,151 @@
+"""verifine command line.
+
+  verifine run [CONFIG] [--stages S ...] [--force S ...] [key=value ...]
+  verifine prompts|sample|verify|reference|train|eval [CONFIG] [key=value ...]
+  verifine status RUN_DIR
+  verifine report RUN_DIR
+
+No CONFIG: the embedded toy default (configs/toy.yaml). Stage names select a whole
+family: `train` is every train/<objective>, `eval` every eval/<model>/<benchmark>.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import sys
+import time
+
+import yaml
+
+from pipeline.config import Config, ConfigError, load_config
+from pipeline.plan import STAGE_ORDER
+
+RESOLVED_CONFIG = "config.yaml"
+
+
+def log(msg: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+
+def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
+    config = None
+    if items and "=" not in items[0]:
+        config, items = items[0], items[1:]
+    bad = [i for i in items if "=" not in i]
+    if bad:
+        raise ConfigError(f"expected key=value overrides after the config, got {bad[0]!r}")
+    return config, items
+
+
+def _match(stage_names: list[str], wanted: list[str]) -> set[str]:
+    out = set()
+    for w in wanted:
+        hits = {n for n in stage_names if n == w or n.startswith(w.rstrip("/") + "/")}
+        if not hits:
+            raise ConfigError(f"no stage named {w!r}; stages: {', '.join(stage_names)}")
+        out |= hits
+    return out
+
+
+def run_pipeline(cfg: Config, stages: list[str] = (), force: list[str] = ()) -> dict:
+    from pipeline.plan import build_stages
+    from pipeline.ray_session import check_shared_storage, connect
+    from pipeline.runner import run_stages
+    from pipeline.store import RunStore
+
+    store = RunStore(cfg.run.dir)
+    log(f"run directory {store.uri}")
+    plan = build_stages(cfg, log=log)
+    names = [s.name for s in plan]
+    only, forced = _match(names, list(stages)) if stages else None, _match(names, list(force))
+    connect(cfg.ray.address, cfg.ray.num_cpus, log=log)
+    check_shared_storage(cfg.run.dir)
+    store.write_bytes(RESOLVED_CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+    return run_stages(store, plan, only=only, force=forced, log=log)
+
+
+def status_table(run_dir: str) -> str:
+    from pipeline.plan import build_stages
+    from pipeline.runner import resolve_fingerprints, stage_state
+    from pipeline.store import RunStore
+
+    store = RunStore(run_dir)
+    if not store.exists(RESOLVED_CONFIG):
+        raise ConfigError(f"{run_dir} has no {RESOLVED_CONFIG}: not a verifine run directory")
+    cfg_path = store.path(RESOLVED_CONFIG)
+    data = yaml.safe_load(store.read_bytes(RESOLVED_CONFIG))
+    from pipeline.config import _build, _validate
+
+    cfg = _build(Config, data, f"{cfg_path}:")
+    cfg.source_file = cfg_path
+    _validate(cfg, cfg_path)
+    plan = build_stages(cfg, log=lambda *_: None)
+    resolve_fingerprints(plan)
+    rows = [("stage", "state", "rows", "finished", "fingerprint")]
+    for s in plan:
+        m = store.manifest(s.name) or {}
+        state = stage_state(store, s)
+        when = datetime.datetime.fromtimestamp(m["finished"]).strftime("%Y-%m-%d %H:%M:%S") if m.get("finished") else "-"
+        rows.append((s.name, state, str(m.get("rows", "-")), when, s.fingerprint))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _names(values: list[str]) -> list[str]:
+    return [n for v in values for n in v.split(",") if n]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="verifine", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="run the pipeline (default: the toy task)")
+    p_run.add_argument("--stages", action="append", default=[],
+                       help="run only these stages (comma-separated or repeated; missing inputs run first)")
+    p_run.add_argument("--force", action="append", default=[],
+                       help="re-run these stages and their dependents (comma-separated or repeated)")
+    p_run.add_argument("args", nargs="*", help="[CONFIG] [key=value ...]")
+    for stage in STAGE_ORDER[:-1]:
+        p = sub.add_parser(stage, help=f"run the {stage} stage (and whatever it needs)")
+        p.add_argument("--force", action="store_true", help=f"re-run {stage} even if it is done")
+        p.add_argument("args", nargs="*", help="[CONFIG] [key=value ...]")
+    p_status = sub.add_parser("status", help="table of stages in a run directory")
+    p_status.add_argument("run_dir")
+    p_report = sub.add_parser("report", help="rebuild report.md/json/png from stored results")
+    p_report.add_argument("run_dir")
+    args = parser.parse_args(argv)
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    try:
+        if args.command == "status":
+            print(status_table(args.run_dir))
+            return 0
+        if args.command == "report":
+            from pipeline.report import rebuild_report
+
+            path = rebuild_report(args.run_dir, log=log)
+            log(f"report written to {path}")
+            return 0
+        config, overrides = _split_config_and_overrides(args.args)
+        cfg = load_config(config, overrides)
+        if args.command == "run":
+            outcome = run_pipeline(cfg, _names(args.stages), _names(args.force))
+        else:
+            outcome = run_pipeline(cfg, [args.command], [args.command] if args.force else [])
+        ran = [k for k, v in outcome.items() if v == "ran"]
+        log(f"finished: {len(ran)} stage(s) ran, {len(outcome) - len(ran)} cached; run directory {cfg.run.dir}")
+        return 0
+    except ConfigError as e:
+        print(f"verifine: config error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a clear last line for `ray job logs`; the traceback stays above it
+        import traceback
+
+        traceback.print_exc()
+        print(f"verifine: {args.command} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

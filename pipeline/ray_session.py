@@ -1,0 +1,38 @@
+"""Connecting to Ray: the cluster of RAY_ADDRESS / `ray job submit` when there is one,
+a local Ray otherwise. Never starts a second Ray next to an existing cluster."""
+from __future__ import annotations
+
+import os
+
+from pipeline.store import is_remote
+
+
+def connect(address: str | None = None, num_cpus: int | None = None, log=print) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    # Workers import the project from the driver's working directory when it is not installed.
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::DeprecationWarning"}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        log(f"connected to Ray cluster at {address}")
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env)
+        log(f"started a local Ray ({ray.cluster_resources().get('CPU', 0):.0f} CPUs)")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def check_shared_storage(run_dir: str) -> None:
+    """On a multi-node cluster every node writes into the run directory: a local path
+    would scatter the run over the nodes' disks."""
+    import ray
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    if len(alive) > 1 and not is_remote(run_dir) and not os.environ.get("VERIFINE_SHARED_MOUNT"):
+        raise SystemExit(
+            f"run.dir={run_dir!r} is a local path, but this Ray cluster has {len(alive)} nodes: each node "
+            f"would write its part of the run to its own disk. Use object storage (run.dir=s3://bucket/runs/x "
+            f"or gs://...), or a filesystem mounted at the same path on every node and set "
+            f"VERIFINE_SHARED_MOUNT=1 to say so.")

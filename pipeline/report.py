@@ -1,0 +1,264 @@
+"""The run report: report.md (a table in the shape of the DFT paper's Table 2, pass@k,
+verify yield, training summaries), report.json with the same numbers, and PNG plots.
+Everything is read back from stored stage outputs, so `verifine report RUN_DIR` rebuilds
+it without re-running anything."""
+from __future__ import annotations
+
+import io
+import json
+
+from pipeline.metrics import summarize
+
+PLOTS = ("accuracy.png", "pass_at_k.png", "training_curves.png", "token_prob_hist.png")
+
+
+def collect(store, cfg) -> dict:
+    """Numbers of the report, recomputed from the stored per-sample eval rows."""
+    from pipeline.eval_stage import summarize_judged
+    from pipeline.plan import eval_models
+
+    models, benches = eval_models(cfg), list(cfg.eval.benchmarks)
+    evals: dict = {}
+    for m in models:
+        for b in benches:
+            man = store.manifest(f"eval/{m}/{b}")
+            if not man:
+                continue
+            judged = store.read_rows(next(f for f in man["files"] if f.endswith("judged.parquet")))
+            evals.setdefault(m, {})[b] = summarize_judged(judged, cfg.eval.n)
+    verify = (store.manifest("verify") or {}).get("stats", {})
+    train = {}
+    for o in cfg.train.objectives:
+        man = store.manifest(f"train/{o}")
+        if man:
+            rel = next(f for f in man["files"] if f.endswith("metrics.jsonl"))
+            history = [json.loads(l) for l in store.read_bytes(rel).decode().splitlines() if l]
+            train[o] = {"steps": len(history), "final": history[-1] if history else {}, "history": history}
+    for m, per in evals.items():
+        scores = [per[b]["avg_at_n"] for b in benches if b in per]
+        per["_average"] = sum(scores) / len(scores) if scores else None
+    return {"models": models, "benchmarks": benches, "n": cfg.eval.n, "eval": evals, "verify": verify,
+            "train": train}
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def render_markdown(data: dict) -> str:
+    models, benches, n = data["models"], data["benchmarks"], data["n"]
+    lines = ["# verifine report", "",
+             f"## Accuracy: avg@{n} (%) with 95% bootstrap CI over problems", "",
+             "| model | " + " | ".join(benches) + " | average |",
+             "|---|" + "---|" * (len(benches) + 1)]
+    for m in models:
+        per = data["eval"].get(m, {})
+        cells = []
+        for b in benches:
+            s = per.get(b)
+            cells.append("-" if not s else f"{_pct(s['avg_at_n'])} [{_pct(s['avg_ci'][0])}, {_pct(s['avg_ci'][1])}]")
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {_pct(per.get('_average'))} |")
+    lines += ["", f"## pass@k (%)", ""]
+    for b in benches:
+        ks = next((list(data["eval"][m][b]["pass_at_k"]) for m in models if b in data["eval"].get(m, {})), [])
+        if not ks:
+            continue
+        lines += [f"**{b}**", "", "| model | " + " | ".join(f"pass@{k}" for k in ks) + " | mean tokens | truncated |",
+                  "|---|" + "---|" * (len(ks) + 2)]
+        for m in models:
+            s = data["eval"].get(m, {}).get(b)
+            if s:
+                lines.append(f"| {m} | " + " | ".join(_pct(s["pass_at_k"][k]) for k in ks)
+                             + f" | {s['mean_response_tokens']:.1f} | {_pct(s['truncation_rate'])} |")
+        lines.append("")
+    v = data["verify"]
+    if v:
+        lines += ["## Verified training data", "",
+                  f"- samples {v.get('samples')} over {v.get('prompts')} prompts; verdicts {v.get('verdicts')}",
+                  f"- pass@1 {_pct(v.get('pass_at_1'))}%; prompts all-correct {_pct(v.get('prompts_all_correct'))}%, "
+                  f"mixed {_pct(v.get('prompts_mixed'))}%, all-wrong {_pct(v.get('prompts_all_wrong'))}%",
+                  f"- positives {v.get('positives')}, preference pairs {v.get('pairs')}", ""]
+    if data["train"]:
+        lines += ["## Training", "", "| objective | steps | final loss | token prob | KL to reference | implicit reward |",
+                  "|---|---|---|---|---|---|"]
+        for o, t in data["train"].items():
+            f = t["final"]
+            fmt = lambda k: "-" if f.get(k) is None else f"{f[k]:.4f}"
+            lines.append(f"| {o} | {t['steps']} | {fmt('loss')} | {fmt('token_prob')} | {fmt('kl_to_reference')} "
+                         f"| {fmt('implicit_reward')} |")
+        lines.append("")
+    lines += ["## Plots", ""] + [f"![{p}]({p})" for p in PLOTS] + [""]
+    return "\n".join(lines)
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_accuracy(data: dict) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    models, benches = data["models"], data["benchmarks"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(benches) * max(1, len(models)) / 2), 4))
+    width = 0.8 / max(1, len(models))
+    for i, m in enumerate(models):
+        per = data["eval"].get(m, {})
+        ys = [100 * per[b]["avg_at_n"] if b in per else 0 for b in benches]
+        lo = [ys[j] - 100 * per[b]["avg_ci"][0] if b in per else 0 for j, b in enumerate(benches)]
+        hi = [100 * per[b]["avg_ci"][1] - ys[j] if b in per else 0 for j, b in enumerate(benches)]
+        ax.bar(np.arange(len(benches)) + i * width, ys, width, yerr=[lo, hi], capsize=3, label=m)
+    ax.set_xticks(np.arange(len(benches)) + width * (len(models) - 1) / 2, benches)
+    ax.set_ylabel(f"avg@{data['n']} (%)")
+    ax.set_title("Accuracy with 95% bootstrap CI")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def plot_pass_at_k(data: dict) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    benches = data["benchmarks"]
+    fig, axes = plt.subplots(1, len(benches), figsize=(4 * len(benches), 3.5), squeeze=False)
+    for ax, b in zip(axes[0], benches):
+        for m in data["models"]:
+            s = data["eval"].get(m, {}).get(b)
+            if s:
+                ks = [int(k) for k in s["pass_at_k"]]
+                ax.plot(ks, [100 * s["pass_at_k"][str(k)] for k in ks], marker="o", label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_title(b)
+        ax.set_xlabel("k")
+        ax.set_ylabel("pass@k (%)")
+    axes[0][0].legend(fontsize=8)
+    return _png(fig)
+
+
+def plot_training(data: dict) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for o, t in data["train"].items():
+        steps = [h["step"] for h in t["history"]]
+        axes[0].plot(steps, [h["loss"] for h in t["history"]], label=o)
+        axes[1].plot(steps, [h.get("token_prob") for h in t["history"]], label=o)
+    axes[0].set_title("training loss")
+    axes[1].set_title("mean target-token probability")
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
+        ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def plot_token_probs(probs: dict[str, list[float]]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bins = np.linspace(0, 1, 21)
+    for m, p in probs.items():
+        if p:
+            ax.hist(p, bins=bins, histtype="step", linewidth=1.5, label=m, density=True)
+    ax.set_yscale("log")
+    ax.set_xlabel("probability of the target token")
+    ax.set_title("Token probabilities on held-out positives (cf. DFT paper Fig. 2)")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def heldout_positives(store, cfg, limit: int = 64) -> list[dict]:
+    """Correct answers of the base model on the first eval benchmark: never trained on."""
+    bench = cfg.eval.benchmarks[0]
+    man = store.manifest(f"eval/base/{bench}")
+    if not man:
+        return []
+    rows = store.read_rows(next(f for f in man["files"] if f.endswith("judged.parquet")))
+    return [r for r in rows if r["verdict"] == "correct" and r["finish_reason"] == "stop"][:limit]
+
+
+def token_probabilities(store, cfg, log=print) -> dict[str, list[float]]:
+    """Per-token target probabilities of base and each trained model on held-out positives,
+    scored as Ray tasks (one model at a time)."""
+    import math
+
+    import ray
+
+    from pipeline.plan import base_model_path, local_model_dir, model_dir
+
+    rows = heldout_positives(store, cfg)
+    if not rows:
+        return {}
+    paths = {"base": base_model_path(cfg, log)}
+    for o in cfg.train.objectives:
+        man = store.manifest(f"train/{o}")
+        if man:
+            paths[o] = local_model_dir(store, model_dir(man))
+    task = ray.remote(num_cpus=1, num_gpus=1 if cfg.train.use_gpu else 0)(_score)
+    refs = {m: task.remote(p, cfg.train.max_len, [r["prompt"] for r in rows], [r["completion"] for r in rows])
+            for m, p in paths.items()}
+    return {m: [math.exp(x) for seq in ray.get(ref) for x in seq] for m, ref in refs.items()}
+
+
+def _score(model_path, max_len, prompts, completions):
+    from actors.reference import ReferenceScorer
+
+    return [s or [] for s in ReferenceScorer(model_path, max_len, ["completion"]).score(prompts, completions)]
+
+
+def write_report(store, work_dir: str, cfg, log=print) -> tuple[list[str], dict]:
+    data = collect(store, cfg)
+    try:
+        probs = token_probabilities(store, cfg, log)
+    except Exception as e:  # the histogram is an analysis extra; a failure must not lose the report
+        log(f"  token-probability histogram skipped: {type(e).__name__}: {e}")
+        probs = {}
+    data["token_prob_summary"] = {m: {"tokens": len(p), "mean": sum(p) / len(p) if p else None}
+                                  for m, p in probs.items()}
+    files = {
+        "report.md": render_markdown(data).encode(),
+        "report.json": json.dumps({k: v for k, v in data.items()}, indent=2, default=str).encode(),
+        "accuracy.png": plot_accuracy(data), "pass_at_k.png": plot_pass_at_k(data),
+        "training_curves.png": plot_training(data), "token_prob_hist.png": plot_token_probs(probs),
+    }
+    out = []
+    for name, blob in files.items():
+        store.write_bytes(f"{work_dir}/{name}", blob)
+        store.write_bytes(f"report/{name}", blob)  # stable location next to the manifest
+        out.append(f"{work_dir}/{name}")
+    log(f"  report: {store.full_uri('report', 'report.md')}")
+    return out, {"models": len(data["eval"]), "benchmarks": len(data["benchmarks"])}
+
+
+def rebuild_report(run_dir: str, log=print) -> str:
+    """`verifine report RUN_DIR`: rebuild from stored results (no sampling, no training)."""
+    import yaml
+
+    from pipeline.cli import RESOLVED_CONFIG
+    from pipeline.config import Config, _build, _validate
+    from pipeline.ray_session import connect
+    from pipeline.store import RunStore
+
+    store = RunStore(run_dir)
+    cfg = _build(Config, yaml.safe_load(store.read_bytes(RESOLVED_CONFIG)), f"{store.path(RESOLVED_CONFIG)}:")
+    cfg.source_file = store.path(RESOLVED_CONFIG)
+    _validate(cfg, cfg.source_file)
+    connect(cfg.ray.address, cfg.ray.num_cpus, log=log)
+    write_report(store, "report/rebuilt", cfg, log)
+    return store.full_uri("report", "report.md")

@@ -1,0 +1,73 @@
+"""Train stage: one objective on the verified data (or gold solutions), as a Ray Train
+TorchTrainer with DeepSpeed on N workers; the per-worker loop is actors/train_loop.py.
+Checkpoints every K steps; a dead worker restarts from the last one (FailureConfig), and
+re-running the stage after the driver died resumes from the same storage."""
+from __future__ import annotations
+
+import json
+
+from actors.objectives import OBJECTIVE_SPECS
+from actors.train_loop import train_loop
+
+
+def data_kind(objective: str, overrides: dict | None) -> str:
+    return (overrides or {}).get(objective) or OBJECTIVE_SPECS[objective].default_data
+
+
+def check_not_empty(store, data_file: str, kind: str, verify_stats: dict | None) -> int:
+    rows = store.read_table(data_file).num_rows
+    if rows == 0:
+        why = ""
+        if verify_stats:
+            why = (f" (verify stats: {verify_stats.get('verdicts')}, pass@1 {verify_stats.get('pass_at_1', 0):.3f}, "
+                   f"prompts all-correct {verify_stats.get('prompts_all_correct', 0):.2f} / all-wrong "
+                   f"{verify_stats.get('prompts_all_wrong', 0):.2f})")
+        hint = ("pairs need prompts with both a correct and an incorrect sample" if kind == "pairs"
+                else "positives need at least one verified-correct, untruncated sample")
+        raise ValueError(f"the {kind} set {data_file} is empty: {hint}{why}; nothing to train on")
+    return rows
+
+
+def loop_config(cfg, objective: str, store, data_file: str, kind: str, reference_file: str | None,
+                model_path: str, export_dir: str) -> dict:
+    t = cfg.train
+    lr = t.dpo_lr if objective == "dpo" and t.dpo_lr else t.lr
+    batch = t.dpo_batch_size if objective == "dpo" and t.dpo_batch_size else t.batch_size
+    return {
+        "objective": objective, "data": kind, "data_file": data_file, "reference_file": reference_file,
+        "store_uri": store.uri, "model_path": model_path, "export_dir": export_dir,
+        "template": cfg.sample.template, "seed": cfg.run.seed, "lr": lr, "batch_size": batch,
+        "micro_batch_tokens": t.micro_batch_tokens, "epochs": t.epochs, "max_len": t.max_len,
+        "warmup_ratio": t.warmup_ratio, "weight_decay": t.weight_decay, "grad_clip": t.grad_clip,
+        "beta": t.beta, "zero_stage": t.zero_stage, "precision": t.precision, "optimizer": t.optimizer,
+        "checkpoint_every": t.checkpoint_every, "use_gpu": t.use_gpu,
+        "logprob_chunk_tokens": t.logprob_chunk_tokens,
+    }
+
+
+def run_with_ray_train(loop_cfg: dict, num_workers: int, use_gpu: bool, storage_uri: str, max_failures: int,
+                       log=print) -> list[dict]:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop_per_worker=_ray_worker_entry,
+        train_loop_config={**loop_cfg, "in_ray": True},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(name="ray-train", storage_path=storage_uri,
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return result.metrics
+
+
+def _ray_worker_entry(config: dict) -> None:
+    train_loop(config)
+
+
+def history_from_store(store, export_dir: str) -> list[dict]:
+    return [json.loads(line) for line in store.read_bytes(f"{export_dir}/metrics.jsonl").decode().splitlines() if line]
