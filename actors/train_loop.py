@@ -236,6 +236,7 @@ def train_loop(cfg: dict) -> dict:
                 agg[k] = agg.get(k, 0.0) + (v if k == "tokens" else v * n)
         engine.step()
         metrics = _step_metrics(engine, scheduler, total_loss, agg, step, len(schedule), t0, objective)
+        metrics.update(resumed_from_step=start_step, micro_batches_max=len(my_plan))
         tokens_seen += metrics["tokens"]
         metrics["tokens_per_s"] = round(tokens_seen / max(time.time() - t0, 1e-9), 1)
         if not math.isfinite(metrics["loss"]):
@@ -289,6 +290,7 @@ def _maybe_die(cfg: dict, step: int, rank: int) -> None:
     spec = cfg.get("kill_worker_at")  # {"step": k, "rank": r, "marker": path}
     if spec and spec["step"] == step and spec["rank"] == rank and not os.path.exists(spec["marker"]):
         Path(spec["marker"]).write_text(str(os.getpid()))
+        time.sleep(3)  # let the controller register the last reported checkpoint, as in a real crash later on
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -66,21 +66,22 @@ def run_pipeline(cfg: Config, stages: list[str] = (), force: list[str] = ()) -> 
     return run_stages(store, plan, only=only, force=forced, log=log)
 
 
+def load_run_config(store) -> Config:
+    """The resolved config a run directory was last run with."""
+    from pipeline.config import config_from_dict
+
+    if not store.exists(RESOLVED_CONFIG):
+        raise ConfigError(f"{store.uri} has no {RESOLVED_CONFIG}: not a verifine run directory")
+    return config_from_dict(yaml.safe_load(store.read_bytes(RESOLVED_CONFIG)), store.full_uri(RESOLVED_CONFIG))
+
+
 def status_table(run_dir: str) -> str:
     from pipeline.plan import build_stages
     from pipeline.runner import resolve_fingerprints, stage_state
     from pipeline.store import RunStore
 
-    store = RunStore(run_dir)
-    if not store.exists(RESOLVED_CONFIG):
-        raise ConfigError(f"{run_dir} has no {RESOLVED_CONFIG}: not a verifine run directory")
-    cfg_path = store.path(RESOLVED_CONFIG)
-    data = yaml.safe_load(store.read_bytes(RESOLVED_CONFIG))
-    from pipeline.config import _build, _validate
-
-    cfg = _build(Config, data, f"{cfg_path}:")
-    cfg.source_file = cfg_path
-    _validate(cfg, cfg_path)
+    store = RunStore(run_dir, create=False)
+    cfg = load_run_config(store)
     plan = build_stages(cfg, log=lambda *_: None)
     resolve_fingerprints(plan)
     rows = [("stage", "state", "rows", "finished", "fingerprint")]

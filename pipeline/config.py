@@ -225,6 +225,14 @@ def _validate(cfg: Config, where: str) -> None:
             raise ConfigError(str(e)) from None
 
 
+def config_from_dict(data: dict, where: str) -> Config:
+    """A Config from an already-parsed mapping (e.g. a run directory's saved config)."""
+    cfg = _build(Config, data, f"{where}:")
+    cfg.source_file = where
+    _validate(cfg, where)
+    return cfg
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected key=value, e.g. train.lr=1e-5")

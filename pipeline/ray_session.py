@@ -2,9 +2,25 @@
 a local Ray otherwise. Never starts a second Ray next to an existing cluster."""
 from __future__ import annotations
 
+import json
 import os
 
 from pipeline.store import is_remote
+
+
+DRIVER_ENV_VARS = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+
+
+def _job_env_vars() -> dict:
+    """env_vars of the runtime env this driver was submitted with (`ray job submit
+    --runtime-env ...`), {} outside a job. ray.init refuses a runtime_env that sets an
+    env var the job's already sets (cluster/runtime_env.yaml sets TOKENIZERS_PARALLELISM),
+    so those keys are left to the job's value."""
+    # Set by Ray's job supervisor for the entrypoint (ray._private.runtime_env.constants).
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return {}
+    return (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
 
 
 def connect(address: str | None = None, num_cpus: int | None = None, log=print) -> None:
@@ -14,7 +30,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, log=print) 
         return
     address = address or os.environ.get("RAY_ADDRESS")
     # Workers import the project from the driver's working directory when it is not installed.
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::DeprecationWarning"}}
+    env = {"env_vars": {k: v for k, v in DRIVER_ENV_VARS.items() if k not in _job_env_vars()}}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         log(f"connected to Ray cluster at {address}")

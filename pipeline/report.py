@@ -248,17 +248,12 @@ def write_report(store, work_dir: str, cfg, log=print) -> tuple[list[str], dict]
 
 def rebuild_report(run_dir: str, log=print) -> str:
     """`verifine report RUN_DIR`: rebuild from stored results (no sampling, no training)."""
-    import yaml
-
-    from pipeline.cli import RESOLVED_CONFIG
-    from pipeline.config import Config, _build, _validate
+    from pipeline.cli import load_run_config
     from pipeline.ray_session import connect
     from pipeline.store import RunStore
 
-    store = RunStore(run_dir)
-    cfg = _build(Config, yaml.safe_load(store.read_bytes(RESOLVED_CONFIG)), f"{store.path(RESOLVED_CONFIG)}:")
-    cfg.source_file = store.path(RESOLVED_CONFIG)
-    _validate(cfg, cfg.source_file)
+    store = RunStore(run_dir, create=False)
+    cfg = load_run_config(store)
     connect(cfg.ray.address, cfg.ray.num_cpus, log=log)
     write_report(store, "report/rebuilt", cfg, log)
     return store.full_uri("report", "report.md")

