@@ -106,17 +106,21 @@ def micro_batch_loss(model, units: list[dict], objective: str, normalizer: float
     logp = causal_lm_token_logprobs(model, batch["input_ids"], batch["attention_mask"],
                                     chunk_tokens=cfg["logprob_chunk_tokens"])
     mask, ref = batch["mask"], batch["ref_logp"]
-    stats = {"token_prob": mean_token_prob(logp, mask).item(), "tokens": mask.sum().item()}
+    tokens = mask.sum().item()  # all response tokens processed (throughput, weighting)
     if spec.uses_pairs:
         k = len(units)
         seq, ref_seq = sequence_logp(logp, mask), sequence_logp(ref, mask)
         loss = spec.loss(seq[:k], seq[k:], ref_seq[:k], ref_seq[k:], cfg["beta"], normalizer)
-        stats.update({key: v.item() for key, v in dpo_stats(seq[:k], seq[k:], ref_seq[:k], ref_seq[k:],
-                                                               cfg["beta"]).items()})
+        pair_stats = dpo_stats(seq[:k], seq[k:], ref_seq[:k], ref_seq[k:], cfg["beta"])
+        # Token diagnostics on the chosen answers: the text the model is meant to produce.
+        logp, mask, ref = logp[:k], mask[:k], ref[:k]
     elif spec.needs_reference:
         loss = spec.loss(logp, ref, mask, normalizer, cfg["beta"])
     else:
         loss = spec.loss(logp, mask, normalizer)
+    stats = {"token_prob": mean_token_prob(logp, mask).item(), "tokens": tokens}
+    if spec.uses_pairs:
+        stats.update({key: v.item() for key, v in pair_stats.items()})
     if ref is not None:
         stats["implicit_reward"] = mean_implicit_reward(logp, ref, mask, cfg["beta"]).item()
         stats["kl_to_reference"] = kl_estimate(logp, ref, mask).item()
@@ -244,6 +248,8 @@ def train_loop(cfg: dict) -> dict:
                                      f"the last good checkpoint intact (lower train.lr or check the data)")
         history.append(metrics)
         _maybe_die(cfg, step + 1, rank)
+        if cfg.get("step_sleep_s"):  # test hook: a slow step, so a driver can be killed mid-run
+            time.sleep(cfg["step_sleep_s"])
         last = step + 1 == len(schedule)
         if (step + 1) % cfg["checkpoint_every"] == 0 or last:
             _checkpoint(engine, cfg, history, step + 1, metrics, in_ray, final=last)
@@ -335,6 +341,33 @@ def _load(engine, d) -> tuple[int, list]:
     return state["step"], state["history"]
 
 
+def _export_tensorboard(store, cfg, history: list[dict]) -> None:
+    """TensorBoard event file of the whole history, when a writer is installed. Written at
+    the end from the history (which survives restarts) rather than live, so a resumed run
+    still gets one clean curve."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return
+    tmp = Path(tempfile.mkdtemp(prefix="verifine-tb-"))
+    try:
+        writer = SummaryWriter(str(tmp))
+        for m in history:
+            for k, v in m.items():
+                if isinstance(v, (int, float)) and k != "step" and v is not None:
+                    writer.add_scalar(f"{cfg['objective']}/{k}", v, m["step"])
+        writer.close()
+        base = cfg["metrics_file"].rsplit("/", 1)[0]
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                store.write_bytes(f"{base}/tensorboard/{f.relative_to(tmp)}", f.read_bytes())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _export(engine, tokenizer, cfg, history: list[dict]) -> None:
     """The final model as a normal HF directory (safetensors + tokenizer) in the store."""
     from pipeline.store import RunStore
@@ -352,5 +385,6 @@ def _export(engine, tokenizer, cfg, history: list[dict]) -> None:
         for f in sorted(out.iterdir()):
             store.write_bytes(f"{cfg['export_dir']}/{f.name}", f.read_bytes())
         store.write_bytes(cfg["metrics_file"], "".join(json.dumps(m) + "\n" for m in history).encode())
+        _export_tensorboard(store, cfg, history)
     finally:
         shutil.rmtree(out, ignore_errors=True)

@@ -55,11 +55,11 @@ def run_pipeline(cfg: Config, stages: list[str] = (), force: list[str] = ()) -> 
     from pipeline.runner import run_stages
     from pipeline.store import RunStore
 
-    store = RunStore(cfg.run.dir)
-    log(f"run directory {store.uri}")
     plan = build_stages(cfg, log=log)
     names = [s.name for s in plan]
     only, forced = _match(names, list(stages)) if stages else None, _match(names, list(force))
+    store = RunStore(cfg.run.dir)
+    log(f"run directory {store.uri}")
     connect(cfg.ray.address, cfg.ray.num_cpus, log=log)
     check_shared_storage(cfg.run.dir)
     store.write_bytes(RESOLVED_CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
@@ -116,7 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     p_status.add_argument("run_dir")
     p_report = sub.add_parser("report", help="rebuild report.md/json/png from stored results")
     p_report.add_argument("run_dir")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if any(e.startswith("-") for e in extra) or (extra and not hasattr(args, "args")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # overrides written after an option: `verifine run --force train x.y=1`
+        args.args += extra
     logging.getLogger("ray").setLevel(logging.WARNING)
     try:
         if args.command == "status":

@@ -235,7 +235,8 @@ def _run_train(ctx: StageContext, cfg: Config, objective: str, kind: str, log):
     log(f"  training {objective} on {rows} {kind} rows with {cfg.train.num_workers} workers")
     run_with_ray_train(loop_cfg, cfg.train.num_workers, cfg.train.use_gpu,
                        ctx.store.full_uri(ctx.work_dir, "ray"), cfg.train.max_failures, log)
-    files = [f for f in ctx.store.list_files(export_dir)] + [loop_cfg["metrics_file"]]
+    files = (ctx.store.list_files(export_dir) + [loop_cfg["metrics_file"]]
+             + ctx.store.list_files(f"{ctx.work_dir}/tensorboard"))
     history = [l for l in ctx.store.read_bytes(loop_cfg["metrics_file"]).decode().splitlines() if l]
     import json
 

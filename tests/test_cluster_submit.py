@@ -258,7 +258,8 @@ def test_pipeline_as_ray_job(ray_head, tmp_path):
 
     # 1. The whole reduced pipeline as a job.
     logs = jobs.run("verifine", "run", f"run.dir={run_dir}", *SMALL)
-    print(f"\n[cluster test] first job: {time.time() - t0:.0f}s")
+    print(f"\n[cluster test] first job: {time.time() - t0:.0f}s;",
+          "; ".join(f"{a} {b}" for a, b in re.findall(r"\[([\w/]+)\] done in ([\d.]+s)", logs)))
     assert "connected to Ray cluster" in logs, "the driver must join the job's cluster, not start its own"
     first = stage_lines(logs)
     assert set(first.values()) == {"running"}, first
@@ -285,7 +286,9 @@ def test_pipeline_as_ray_job(ray_head, tmp_path):
     #    and every (prompt, sample) is there exactly once.
     t2 = time.time()
     run2 = tmp_path / "run2"
-    prompts, n, block = 96, 4, 4
+    # Enough blocks that `ray job stop` (a CLI start, then SIGTERM) lands mid-stage: once its
+    # engine is up the toy model fills a block in ~0.2 s.
+    prompts, n, block = 400, 4, 4
     cmd = ("verifine", "run", "--stages", "sample", f"run.dir={run2}", f"data.toy_count={prompts}",
            f"sample.n={n}", f"sample.block_size={block}")
     job_id = jobs.submit(*cmd)

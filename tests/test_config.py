@@ -66,3 +66,14 @@ def test_every_shipped_config_loads():
     assert "toy.yaml" in names
     for name in names:
         load_config(CONFIG_DIR / name)
+
+
+def test_cli_fails_before_work_on_bad_config_or_stage(tmp_path, capsys):
+    from pipeline.cli import main
+
+    run_dir = tmp_path / "run"
+    assert main(["run", "train.lr=abc", f"run.dir={run_dir}"]) == 2
+    assert "train.lr: expected a number" in capsys.readouterr().err
+    assert main(["run", "--force", "trian", f"run.dir={run_dir}"]) == 2
+    assert "no stage named 'trian'" in capsys.readouterr().err
+    assert not run_dir.exists(), "nothing may be written before the config is valid"

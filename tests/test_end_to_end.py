@@ -10,8 +10,9 @@ from pipeline.store import RunStore
 
 pytestmark = pytest.mark.slow
 
-CI_OVERRIDES = ["data.toy_count=256", "eval.benchmarks=[toy_id,toy_harder]", "eval.limit=96",
-                "train.objectives=[rft,dft,dpo,chi2,hellinger]"]
+# Reduced for CI: one benchmark (each eval stage starts a vLLM engine, ~30 s on 2 cores).
+CI_OVERRIDES = ["eval.benchmarks=[toy_id]", "eval.limit=128", "train.objectives=[rft,dft,dpo,chi2,hellinger]"]
+BENCHES = ["toy_id"]
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +38,9 @@ def test_every_stage_ran_and_every_model_was_evaluated(finished_run):
     cfg, store, outcome = finished_run
     assert set(outcome.values()) == {"ran"}
     for model in ["base", "rft", "dft", "dpo", "chi2", "hellinger"]:
-        for bench in ["toy_id", "toy_harder"]:
+        for bench in BENCHES:
             avg, problems, ns = recomputed_avg(store, model, bench)
-            assert problems == 96 and ns == {cfg.eval.n}  # each trained model loaded in vLLM and sampled
+            assert problems == 128 and ns == {cfg.eval.n}  # each trained model loaded in vLLM and sampled
 
 
 def test_report_numbers_equal_the_stored_rows(finished_run):
@@ -47,13 +48,13 @@ def test_report_numbers_equal_the_stored_rows(finished_run):
     report = json.loads(store.read_bytes("report/report.json"))
     md = store.read_bytes("report/report.md").decode()
     for model in ["base", "rft", "dft", "dpo", "chi2", "hellinger"]:
-        for bench in ["toy_id", "toy_harder"]:
+        for bench in BENCHES:
             avg, _, _ = recomputed_avg(store, model, bench)
             assert abs(report["eval"][model][bench]["avg_at_n"] - avg) < 1e-12
             assert f"{100 * avg:.1f}" in md
         s = report["eval"][model]["toy_id"]
         assert abs(s["pass_at_k"]["1"] - s["avg_at_n"]) < 1e-12  # pass@1 == avg@n
-    assert "| model | toy_id | toy_harder | average |" in md
+    assert "| model | toy_id | average |" in md
     assert report["verify"]["positives"] > 0 and report["verify"]["pairs"] > 0
     for o in cfg.train.objectives:
         assert report["train"][o]["steps"] >= 2

@@ -122,3 +122,54 @@ def test_reference_that_does_not_match_rows_is_refused(toy_model, tmp_path):
     store.write_rows("ref.parquet", [{"prompt_id": "other", "sample_idx": 0, "ref_completion": [-1.0]}])
     with pytest.raises(ValueError, match="does not match the training rows"):
         load_units(cfg, AutoTokenizer.from_pretrained(toy_model))
+
+
+@pytest.mark.slow
+def test_rerun_after_driver_death_resumes(toy_model, ray_local, tmp_path):
+    """Kill the driver (and with it the training job) after a checkpoint; the next run of
+    the same stage (same storage path) continues from that checkpoint."""
+    import signal
+    import time
+
+    store = RunStore(str(tmp_path))
+    data = write_positives(store, toy_model, count=48)
+    cfg = loop_cfg(store, toy_model, data, "model", optimizer="adamw", lr=1e-3, epochs=1.0, checkpoint_every=2,
+                   step_sleep_s=1.0)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    code = ("import json, sys, ray; ray.init(address='auto'); from pipeline.train_stage import run_with_ray_train; "
+            "run_with_ray_train(json.load(open(sys.argv[1])), 2, False, sys.argv[2], 0)")
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    args = [sys.executable, "-c", code, str(tmp_path / "cfg.json"), str(tmp_path / "ray")]
+    proc = subprocess.Popen(args, cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((tmp_path / "ray").glob("ray-train/checkpoint_*/state.json")):
+        time.sleep(0.5)
+    time.sleep(1.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "model.jsonl").exists(), "training finished before the driver was killed"
+    cfg["step_sleep_s"] = 0
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    out = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = [json.loads(l) for l in (tmp_path / "model.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 7))
+    assert metrics[-1]["resumed_from_step"] >= 2, "the rerun started over instead of resuming"
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_with_clear_message_and_checkpoint_intact(toy_model, tmp_path):
+    store = RunStore(str(tmp_path))
+    data = write_positives(store, toy_model, count=32)
+    ckpt = tmp_path / "ckpt"
+    cfg = loop_cfg(store, toy_model, data, "model", lr=float("nan"), checkpoint_every=1, local_checkpoint_dir=str(ckpt))
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    code = "import json, sys; from actors.train_loop import train_loop; train_loop(json.load(open(sys.argv[1])))"
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cfg.json")], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0
+    assert "FloatingPointError: sft: loss is" in out.stderr and "last good checkpoint intact" in out.stderr
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["step"] >= 1 and all(m["loss"] == m["loss"] for m in state["history"])  # no NaN saved
+    assert not (tmp_path / "model").exists()
