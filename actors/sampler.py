@@ -50,6 +50,12 @@ def sampling_params(spec: EngineSpec):
     return SamplingParams(n=spec.n, temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_tokens)
 
 
+def _with_seed(params, seed: int):
+    p = params.clone()
+    p.seed = seed
+    return p
+
+
 def _has_gpu() -> bool:
     try:
         import torch
@@ -76,6 +82,18 @@ class VLLMSampler:
         self.spec = EngineSpec(**spec)
         self.llm = make_engine(self.spec)
         self.params = sampling_params(self.spec)
+        # On GPUs each prompt gets its own seed (derived from the run seed and prompt id), so
+        # results do not depend on block order or engine count. The CPU engine crashes with
+        # per-request seeds (DESIGN facts): there the engine-level seed is all we have.
+        self.per_request_seed = _has_gpu()
+
+    def _params_for(self, prompt_ids: list[str]):
+        if not self.per_request_seed:
+            return self.params
+        import hashlib
+
+        return [_with_seed(self.params, int(hashlib.sha1(
+            f"{self.spec.seed}:{pid}".encode()).hexdigest()[:8], 16)) for pid in prompt_ids]
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
@@ -86,7 +104,7 @@ class VLLMSampler:
         for block_id, prompt_ids, prompts in zip(batch["block_id"], batch["prompt_ids"], batch["prompts"]):
             prompt_ids, prompts = list(prompt_ids), list(prompts)
             start = time.perf_counter()
-            outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
+            outputs = self.llm.generate(prompts, self._params_for(prompt_ids), use_tqdm=False)
             seconds = time.perf_counter() - start
             for row in completion_rows(prompt_ids, prompts, outputs):
                 for k, v in row.items():

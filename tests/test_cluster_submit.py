@@ -2,7 +2,8 @@
 with the real `ray job submit` client, the way cluster/README.md tells people to run it.
 The job's driver runs on this machine, so a local run.dir is shared by driver and workers.
 
-Also a fast check of the refusal to write a local run.dir from a multi-node cluster."""
+Also fast checks, with a faked `ray`, of the refusal to write a local run.dir from a
+multi-node cluster and of a job driver's ray.init not clashing with the job's env vars."""
 from __future__ import annotations
 
 import json
