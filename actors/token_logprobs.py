@@ -159,3 +159,19 @@ def causal_lm_token_logprobs(
     out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     head = model.get_output_embeddings()
     return token_logprobs(out.last_hidden_state[:, :-1], head.weight, input_ids[:, 1:], chunk_tokens, head.bias)
+
+
+class TokenLogprobModel(torch.nn.Module):
+    """An HF causal LM whose forward returns per-token target log-probs [B, T-1]: the
+    module the train loop hands to DeepSpeed, so the engine's forward is the objective's
+    input. (ZeRO-3 is refused in config: the chunked head reads the output embedding
+    outside the LM head's own forward, and a first attempt with DeepSpeed's external
+    parameters ran but gave wrong updates; see tests/test_train.py.)"""
+
+    def __init__(self, model, chunk_tokens: int = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        return causal_lm_token_logprobs(self.model, input_ids, attention_mask, self.chunk_tokens)

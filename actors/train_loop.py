@@ -23,7 +23,7 @@ import torch
 from actors.objectives import (OBJECTIVE_SPECS, dpo_stats, kl_estimate, mean_implicit_reward, mean_token_prob,
                                sequence_logp)
 from actors.sequences import encode, micro_batches, pad_batch, response_len, step_schedule
-from actors.token_logprobs import causal_lm_token_logprobs
+from actors.token_logprobs import TokenLogprobModel
 
 CKPT_TAG = "ckpt"
 
@@ -103,8 +103,7 @@ def micro_batch_loss(model, units: list[dict], objective: str, normalizer: float
         examples = [u["ex"] for u in units]
         refs = [u["ref"] for u in units] if spec.needs_reference else None
     batch = {k: (v.to(device) if v is not None else None) for k, v in pad_batch(examples, pad_id, refs).items()}
-    logp = causal_lm_token_logprobs(model, batch["input_ids"], batch["attention_mask"],
-                                    chunk_tokens=cfg["logprob_chunk_tokens"])
+    logp = model(batch["input_ids"], batch["attention_mask"])  # a TokenLogprobModel
     mask, ref = batch["mask"], batch["ref_logp"]
     tokens = mask.sum().item()  # all response tokens processed (throughput, weighting)
     if spec.uses_pairs:
@@ -131,8 +130,6 @@ def micro_batch_loss(model, units: list[dict], objective: str, normalizer: float
 def _ds_config(cfg: dict, on_gpu: bool) -> dict:
     bf16 = cfg["precision"] == "bf16" or (cfg["precision"] == "auto" and on_gpu)
     zero = {"stage": cfg["zero_stage"]}
-    if cfg["zero_stage"] == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
     return {
         "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
         "managed_gradient_accumulation": False,  # we decide the accumulation boundary
@@ -207,7 +204,7 @@ def train_loop(cfg: dict) -> dict:
     model.config.use_cache = False
     if cfg.get("gradient_checkpointing"):
         model.gradient_checkpointing_enable()
-    engine, scheduler = build_engine(cfg, model, len(schedule))
+    engine, scheduler = build_engine(cfg, TokenLogprobModel(model, cfg["logprob_chunk_tokens"]), len(schedule))
     start_step, history = _restore(engine, cfg, in_ray)
     objective = cfg["objective"]
     uses_pairs = OBJECTIVE_SPECS[objective].uses_pairs
@@ -360,10 +357,12 @@ def _export_tensorboard(store, cfg, history: list[dict]) -> None:
                 if isinstance(v, (int, float)) and k != "step" and v is not None:
                     writer.add_scalar(f"{cfg['objective']}/{k}", v, m["step"])
         writer.close()
-        base = cfg["metrics_file"].rsplit("/", 1)[0]
+        import posixpath
+
+        base = posixpath.join(posixpath.dirname(cfg["metrics_file"]), "tensorboard")
         for f in tmp.rglob("*"):
             if f.is_file():
-                store.write_bytes(f"{base}/tensorboard/{f.relative_to(tmp)}", f.read_bytes())
+                store.write_bytes(posixpath.join(base, str(f.relative_to(tmp))), f.read_bytes())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -374,12 +373,7 @@ def _export(engine, tokenizer, cfg, history: list[dict]) -> None:
 
     out = Path(tempfile.mkdtemp(prefix="verifine-export-"))
     try:
-        model = engine.module
-        if cfg["zero_stage"] == 3:
-            state = engine._zero3_consolidated_16bit_state_dict()
-            model.save_pretrained(out, state_dict=state, safe_serialization=True)
-        else:
-            model.save_pretrained(out, safe_serialization=True)
+        engine.module.model.save_pretrained(out, safe_serialization=True)  # ZeRO <= 2: full weights here
         tokenizer.save_pretrained(out)
         store = RunStore(cfg["store_uri"])
         for f in sorted(out.iterdir()):

@@ -73,6 +73,30 @@ def test_two_workers_two_microbatches_equal_one_process_full_batch(toy_model, ra
     assert moved > 1e-3, "the step did not change the weights"
     for k in a:
         torch.testing.assert_close(b[k] - base[k], a[k] - base[k], rtol=1e-3, atol=1e-5 * max(1.0, moved))
+    # ...and both equal a plain PyTorch SGD step on -sum(log p)/N, computed right here.
+    expected = plain_sgd_step(toy_model, store.read_rows(data), lr=single["lr"])
+    for k in a:
+        torch.testing.assert_close(a[k] - base[k], expected[k] - base[k], rtol=1e-3, atol=1e-5 * max(1.0, moved))
+
+
+def plain_sgd_step(model_dir, rows, lr):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    total, n_tokens = 0.0, 0
+    for r in rows:
+        p = tok(r["prompt"], add_special_tokens=False)["input_ids"]
+        c = tok(r["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids = torch.tensor([p + c])
+        logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+        total = total - logp[len(p) - 1:].sum()
+        n_tokens += len(c)
+    (total / n_tokens).backward()
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm -= lr * prm.grad
+    return {k: v.detach() for k, v in model.state_dict().items()}
 
 
 @pytest.mark.slow
@@ -173,3 +197,12 @@ def test_nan_loss_stops_with_clear_message_and_checkpoint_intact(toy_model, tmp_
     state = json.loads((ckpt / "state.json").read_text())
     assert state["step"] >= 1 and all(m["loss"] == m["loss"] for m in state["history"])  # no NaN saved
     assert not (tmp_path / "model").exists()
+
+
+def test_zero3_is_refused_before_work():
+    """ZeRO-3 ran with the chunked head but gave updates unlike ZeRO-2's (measured: layer
+    updates 2-20% correlated); until that is fixed the config refuses it."""
+    from pipeline.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="train.zero_stage"):
+        load_config(None, ["train.zero_stage=3"])

@@ -24,7 +24,12 @@ the venv already). The arm is skipped with a message when TRL cannot be imported
 Printed per arm: steady-state tokens/s (all non-pad tokens, and response tokens) over
 steps --skip+1..N, i.e. after the first steps' one-off costs; total child wall time;
 peak RSS of the child process (os.wait4's rusage, i.e. getrusage of that child and
-its own children). Ratio verifine/TRL: target >= 1.0.
+its own children), and the arm process's own peak (getrusage SELF). They differ when
+DeepSpeed JIT-builds its CPU shared-memory comm op in a child compiler (~1.5 GB RSS,
+tens of seconds): it is cached in TORCH_EXTENSIONS_DIR (~/.cache/torch_extensions),
+but two venvs at different paths sharing that cache rebuild it alternately; point
+TORCH_EXTENSIONS_DIR at a private dir to keep such builds out of repeated runs.
+Ratio verifine/TRL: target >= 1.0.
 """
 from __future__ import annotations
 
@@ -227,7 +232,11 @@ def main() -> None:
 
     model = str(ensure_toy_model(0))
     if args.arm:
-        print(RESULT + json.dumps(ARMS[args.arm](args, model)), flush=True)
+        import resource
+
+        res = ARMS[args.arm](args, model)
+        res["self_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+        print(RESULT + json.dumps(res), flush=True)
         return
 
     arms = args.arms.split(",")
@@ -250,9 +259,11 @@ def main() -> None:
             continue
         extra = f", loss_type {r['loss_type']}" if "loss_type" in r else f", {r['micro_batches']} micro-batch(es)/step"
         print(f"{name:9s}: {r['tok_s']:8.0f} tok/s ({r['resp_tok_s']:.0f} response tok/s); peak RSS "
-              f"{r['peak_rss_mib']:.0f} MiB; loop {r['loop_s']:.1f} s for {r['steps']} steps, process "
-              f"{r['process_wall_s']:.1f} s; final loss {r['final_loss']:.4f}{extra}; "
-              f"{r['torch_threads']} torch threads")
+              f"{r['peak_rss_mib']:.0f} MiB with children, {r['self_peak_rss_mib']:.0f} MiB the process alone; "
+              f"final loss {r['final_loss']:.4f}{extra}; {r['torch_threads']} torch threads")
+        print(f"{'':9s}  loop {r['loop_s']:.1f} s for {r['steps']} steps; train call {r['train_call_s']:.1f} s "
+              f"(set-up/export outside the loop {r['train_call_s'] - r['loop_s']:.1f} s); whole process "
+              f"{r['process_wall_s']:.1f} s")
         print(f"{'':9s}  step seconds: {r['step_s']}")
         if r.get("note"):
             print(f"{'':9s}  NOTE: {r['note']}")
@@ -260,7 +271,8 @@ def main() -> None:
     if v and t:
         print()
         print(f"ratio verifine/TRL tokens/s:  {v['tok_s'] / t['tok_s']:.2f}  (target >= 1.0)")
-        print(f"ratio verifine/TRL peak RSS:  {v['peak_rss_mib'] / t['peak_rss_mib']:.2f}  (lower is better)")
+        print(f"ratio verifine/TRL peak RSS:  {v['peak_rss_mib'] / t['peak_rss_mib']:.2f} with children, "
+              f"{v['self_peak_rss_mib'] / t['self_peak_rss_mib']:.2f} the process alone  (lower is better)")
         print(f"ratio verifine/TRL process wall time: {v['process_wall_s'] / t['process_wall_s']:.2f}")
 
 
