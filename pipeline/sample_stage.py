@@ -3,6 +3,7 @@ actors. Output is written in blocks of prompts; a rerun after a crash samples on
 blocks that are missing, so every (prompt, sample) ends up exactly once."""
 from __future__ import annotations
 
+import os
 import time
 
 import pyarrow as pa
@@ -12,6 +13,10 @@ from pipeline.prompt_templates import render_prompt
 
 SAMPLE_SCHEMA = pa.schema([("prompt_id", pa.string()), ("sample_idx", pa.int32()), ("prompt", pa.string()),
                            ("completion", pa.string()), ("finish_reason", pa.string()), ("num_tokens", pa.int32())])
+
+
+# Test hook: a pause after each written block, so a test can stop a job mid-stage.
+TEST_BLOCK_DELAY_S = float(os.environ.get("VERIFINE_TEST_BLOCK_DELAY_S", "0"))
 
 
 def block_path(work_dir: str, block_id: int) -> str:
@@ -58,6 +63,8 @@ def sample_blocks(store, work_dir: str, problems: list[dict], model_path: str, t
                 elapsed = time.time() - start
                 log(f"  block {b}: {len(rows)} samples; {done}/{len(todo)} blocks, "
                     f"{out_tokens / max(elapsed, 1e-9):.0f} output tok/s")
+                if TEST_BLOCK_DELAY_S:
+                    time.sleep(TEST_BLOCK_DELAY_S)
         if pending:
             raise RuntimeError(f"sampler returned incomplete blocks {sorted(pending)}")
     seconds = time.time() - start

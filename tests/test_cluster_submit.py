@@ -287,12 +287,13 @@ def test_pipeline_as_ray_job(ray_head, tmp_path):
     #    and every (prompt, sample) is there exactly once.
     t2 = time.time()
     run2 = tmp_path / "run2"
-    # Enough blocks that `ray job stop` (a CLI start, then SIGTERM) lands mid-stage: once its
-    # engine is up the toy model fills a block in ~0.2 s.
-    prompts, n, block = 400, 4, 4
+    # The toy model fills a block in ~0.2 s, faster than `ray job stop` (a CLI start, then
+    # SIGTERM) lands; the stopped job pauses 1 s after each block (a test hook) so the stop
+    # falls mid-stage. The resubmission runs at full speed.
+    prompts, n, block = 96, 4, 4
     cmd = ("verifine", "run", "--stages", "sample", f"run.dir={run2}", f"data.toy_count={prompts}",
            f"sample.n={n}", f"sample.block_size={block}")
-    job_id = jobs.submit(*cmd)
+    job_id = jobs.submit("env", "VERIFINE_TEST_BLOCK_DELAY_S=1", *cmd)
     deadline, next_check = time.time() + 600, time.time() + 15
     while not list(run2.glob("sample/parts-*/block-*.parquet")):
         assert time.time() < deadline, "sampling never produced a block"
