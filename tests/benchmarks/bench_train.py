@@ -1,7 +1,8 @@
 """Training throughput and peak memory: verifine's train loop vs TRL's SFTTrainer (DFT).
 
     python tests/benchmarks/bench_train.py [--examples 512] [--batch-size 64] [--steps 24]
-                                           [--max-len 256] [--skip 3] [--repeat 3] [--trl-path /tmp/trl_pkgs]
+                                           [--max-len 256] [--skip 3] [--repeat 3] [--torch-threads 0]
+                                           [--trl-path /tmp/trl_pkgs]
 
 Both arms train the cached toy base model with the DFT objective on the same data (toy
 train prompts in the chat template + `toy_task.solution_text`, EOS appended, loss on
@@ -116,6 +117,7 @@ def arm_verifine(args, model: str) -> dict:
             "tok_s": steady(times, all_tokens, args.skip), "resp_tok_s": steady(times, resp, args.skip),
             "step_s": [round(b - a, 3) for a, b in zip([0.0] + times, times)],
             "micro_batches": history[-1]["micro_batches_max"], "final_loss": history[-1]["loss"],
+            "mean_loss": sum(m["loss"] for m in history) / len(history),
             "torch_threads": torch.get_num_threads()}
 
 
@@ -157,6 +159,7 @@ def arm_trl(args, model_dir: str) -> dict:
 
     times: list[float] = []
     counts: list[tuple[int, int]] = []
+    losses: list = []
 
     class Clock(TrainerCallback):
         def on_step_end(self, *a, **k):
@@ -166,7 +169,10 @@ def arm_trl(args, model_dir: str) -> dict:
         def compute_loss(self, model, inputs, *a, **k):
             if self.model.training:
                 counts.append((int(inputs["attention_mask"].sum()), int((inputs["labels"] != -100).sum())))
-            return super().compute_loss(model, inputs, *a, **k)
+            loss = super().compute_loss(model, inputs, *a, **k)
+            if self.model.training:
+                losses.append(loss.detach())
+            return loss
 
     trainer = CountingTrainer(model=model, args=config, train_dataset=data, processing_class=tok, callbacks=[Clock()])
     t0 = time.perf_counter()
@@ -176,7 +182,8 @@ def arm_trl(args, model_dir: str) -> dict:
     all_tokens, resp = [c[0] for c in counts], [c[1] for c in counts]
     return {"steps": len(times), "train_call_s": wall, "loop_s": times[-1],
             "tok_s": steady(times, all_tokens, args.skip), "resp_tok_s": steady(times, resp, args.skip),
-            "step_s": [round(b - a, 3) for a, b in zip([0.0] + times, times)], "final_loss": result.training_loss,
+            "step_s": [round(b - a, 3) for a, b in zip([0.0] + times, times)], "final_loss": float(losses[-1]),
+            "mean_loss": result.training_loss,
             "loss_type": loss_type, "note": note, "trl_version": trl.__version__,
             "torch_threads": torch.get_num_threads()}
 
@@ -191,6 +198,8 @@ def run_arm(name: str, args, data_dir: str) -> dict | None:
            "--skip", str(args.skip), "--lr", str(args.lr), "--micro-batch-tokens", str(args.micro_batch_tokens),
            "--logprob-chunk-tokens", str(args.logprob_chunk_tokens), "--trl-path", args.trl_path]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if args.torch_threads:
+        env["OMP_NUM_THREADS"] = str(args.torch_threads)
     before = load_avg()
     log = Path(data_dir) / f"{name}.log"
     t0 = time.perf_counter()
@@ -223,6 +232,10 @@ def main() -> None:
     p.add_argument("--trl-path", default="/tmp/trl_pkgs", help="directory holding trl + accelerate")
     p.add_argument("--arms", default="verifine,trl")
     p.add_argument("--repeat", type=int, default=3, help="runs per arm, alternating; the median run is reported")
+    p.add_argument("--torch-threads", type=int, default=0,
+                   help="OMP_NUM_THREADS for both arms (0: torch's default, one per core). On a loaded machine "
+                        "1 is far steadier: a multi-threaded step of this tiny model stalls at every barrier "
+                        "when another process holds a core")
     p.add_argument("--arm", choices=sorted(ARMS), help=argparse.SUPPRESS)  # internal: run one arm here
     p.add_argument("--data-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -271,7 +284,7 @@ def main() -> None:
         extra = f", loss_type {r['loss_type']}" if "loss_type" in r else f", {r['micro_batches']} micro-batch(es)/step"
         print(f"{name:9s}: {r['tok_s']:8.0f} tok/s ({r['resp_tok_s']:.0f} response tok/s) in the median of "
               f"{len(rs)} run(s) {[round(x['tok_s']) for x in rs]}; peak RSS {r['peak_rss_mib']:.0f} MiB with "
-              f"children, {r['self_peak_rss_mib']:.0f} MiB the process alone; final loss {r['final_loss']:.4f}"
+              f"children, {r['self_peak_rss_mib']:.0f} MiB the process alone; loss last step {r['final_loss']:.4f}, mean {r['mean_loss']:.4f}"
               f"{extra}; {r['torch_threads']} torch threads")
         print(f"{'':9s}  loop {r['loop_s']:.1f} s for {r['steps']} steps; train call {r['train_call_s']:.1f} s "
               f"(set-up/export outside the loop {r['train_call_s'] - r['loop_s']:.1f} s); whole process "
