@@ -1,7 +1,8 @@
 """Sampling throughput: the sample stage vs a bare vLLM engine vs transformers `generate`.
 
     python tests/benchmarks/bench_sample.py [--prompts 512] [--n 4] [--max-tokens 80]
-                                            [--block-size 128] [--hf-batch 64] [--arms stage,bare,hf]
+                                            [--block-size 128] [--hf-batch 64] [--hf-threads 0]
+                                            [--arms stage,bare,hf]
 
 All three arms sample the same toy-train prompts (chat template) from the cached toy
 base model with the same n / temperature / top_p / max_tokens; each arm runs in its own
@@ -162,6 +163,8 @@ def arm_hf(args) -> dict:
 
     model_dir, tokenizer, _, prompts, spec = toy_setup(args)
     tokenizer.padding_side = "left"
+    if args.hf_threads:
+        torch.set_num_threads(args.hf_threads)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     torch.manual_seed(0)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -195,7 +198,7 @@ def run_arm(name: str, args) -> dict | None:
     cmd = [sys.executable, __file__, "--arm", name, "--prompts", str(args.prompts), "--n", str(args.n),
            "--max-tokens", str(args.max_tokens), "--block-size", str(args.block_size),
            "--hf-batch", str(args.hf_batch), "--temperature", str(args.temperature),
-           "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+           "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--hf-threads", str(args.hf_threads)]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     before = load_avg()
     t0 = time.perf_counter()
@@ -220,6 +223,9 @@ def main() -> None:
     p.add_argument("--block-size", type=int, default=128, help="prompts per stage block (toy default 128)")
     p.add_argument("--hf-batch", type=int, default=64, help="prompts per transformers generate call")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.2)
+    p.add_argument("--hf-threads", type=int, default=0,
+                   help="torch threads of the transformers arm (0: torch's default, one per core; vLLM's CPU "
+                        "engine binds 1 OpenMP thread to one core and reserves the other on 2 cores)")
     p.add_argument("--arms", default="stage,bare,hf")
     p.add_argument("--arm", choices=sorted(ARMS), help=argparse.SUPPRESS)  # internal: run one arm here
     args = p.parse_args()
