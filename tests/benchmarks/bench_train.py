@@ -23,7 +23,8 @@ TRL is not a dependency of verifine: install it outside the project venv, e.g.
 the venv already). The arm is skipped with a message when TRL cannot be imported.
 
 Printed per arm: steady-state tokens/s (all non-pad tokens, and response tokens) over
-steps --skip+1..N, i.e. after the first steps' one-off costs; total child wall time;
+steps --skip+1..N, i.e. after the first steps' one-off costs, and the median over those
+steps of each step's own tokens/s (robust to a burst of outside load); total child wall time;
 peak RSS of the child process (os.wait4's rusage, i.e. getrusage of that child and
 its own children), and the arm process's own peak (getrusage SELF). They differ when
 DeepSpeed JIT-builds its CPU shared-memory comm op in a child compiler (~1.5 GB RSS,
@@ -62,6 +63,14 @@ def steady(times: list[float], tokens: list[int], skip: int) -> float:
     skip = max(0, min(skip, len(times) - 1))
     ends = [0.0] + list(times)
     return sum(tokens[skip:]) / max(ends[-1] - ends[skip], 1e-9)
+
+
+def median_step_rate(times: list[float], tokens: list[int], skip: int) -> float:
+    """Median over steps skip+1..N of that step's tokens / seconds: robust to bursts of
+    outside load that slow a minority of the steps."""
+    skip = max(0, min(skip, len(times) - 1))
+    ends = [0.0] + list(times)
+    return median(tokens[i] / max(ends[i + 1] - ends[i], 1e-9) for i in range(skip, len(times)))
 
 
 # ----------------------------------------------------------------------------- data
@@ -115,6 +124,7 @@ def arm_verifine(args, model: str) -> dict:
     resp = [int(m["tokens"]) for m in history]
     return {"steps": len(history), "train_call_s": wall, "loop_s": times[-1],
             "tok_s": steady(times, all_tokens, args.skip), "resp_tok_s": steady(times, resp, args.skip),
+            "median_step_tok_s": median_step_rate(times, all_tokens, args.skip),
             "step_s": [round(b - a, 3) for a, b in zip([0.0] + times, times)],
             "micro_batches": history[-1]["micro_batches_max"], "final_loss": history[-1]["loss"],
             "mean_loss": sum(m["loss"] for m in history) / len(history),
@@ -182,6 +192,7 @@ def arm_trl(args, model_dir: str) -> dict:
     all_tokens, resp = [c[0] for c in counts], [c[1] for c in counts]
     return {"steps": len(times), "train_call_s": wall, "loop_s": times[-1],
             "tok_s": steady(times, all_tokens, args.skip), "resp_tok_s": steady(times, resp, args.skip),
+            "median_step_tok_s": median_step_rate(times, all_tokens, args.skip),
             "step_s": [round(b - a, 3) for a, b in zip([0.0] + times, times)], "final_loss": float(losses[-1]),
             "mean_loss": result.training_loss,
             "loss_type": loss_type, "note": note, "trl_version": trl.__version__,
@@ -273,7 +284,8 @@ def main() -> None:
                 r = run_arm(name, args, tmp)
                 if r:
                     runs[name].append(r)
-                    print(f"[{name}] run {rep + 1}: {r['tok_s']:.0f} tok/s, median step {median(r['step_s']):.3f} s, "
+                    print(f"[{name}] run {rep + 1}: {r['tok_s']:.0f} tok/s over steps {args.skip + 1}.., "
+                          f"{r['median_step_tok_s']:.0f} tok/s in the median step, "
                           f"peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
     print()
     best: dict[str, dict] = {}
@@ -286,6 +298,8 @@ def main() -> None:
               f"{len(rs)} run(s) {[round(x['tok_s']) for x in rs]}; peak RSS {r['peak_rss_mib']:.0f} MiB with "
               f"children, {r['self_peak_rss_mib']:.0f} MiB the process alone; loss last step {r['final_loss']:.4f}, mean {r['mean_loss']:.4f}"
               f"{extra}; {r['torch_threads']} torch threads")
+        print(f"{'':9s}  median-step rate {r['median_step_tok_s']:.0f} tok/s; over all runs: median "
+              f"{median(x['median_step_tok_s'] for x in rs):.0f}, best {max(x['median_step_tok_s'] for x in rs):.0f}")
         print(f"{'':9s}  loop {r['loop_s']:.1f} s for {r['steps']} steps; train call {r['train_call_s']:.1f} s "
               f"(set-up/export outside the loop {r['train_call_s'] - r['loop_s']:.1f} s); whole process "
               f"{r['process_wall_s']:.1f} s")
@@ -295,7 +309,12 @@ def main() -> None:
     v, t = best.get("verifine"), best.get("trl")
     if v and t:
         print()
-        print(f"ratio verifine/TRL tokens/s:  {v['tok_s'] / t['tok_s']:.2f}  (target >= 1.0)")
+        print(f"ratio verifine/TRL tokens/s:  {v['tok_s'] / t['tok_s']:.2f}  (target >= 1.0; median runs, "
+              f"steps {args.skip + 1}..{args.steps})")
+        med = {k: median(x["median_step_tok_s"] for x in runs[k]) for k in ("verifine", "trl")}
+        top = {k: max(x["median_step_tok_s"] for x in runs[k]) for k in ("verifine", "trl")}
+        print(f"ratio verifine/TRL median-step tokens/s: {med['verifine'] / med['trl']:.2f} (median over runs), "
+              f"{top['verifine'] / top['trl']:.2f} (best run each)")
         print(f"ratio verifine/TRL peak RSS:  {v['peak_rss_mib'] / t['peak_rss_mib']:.2f} with children, "
               f"{v['self_peak_rss_mib'] / t['self_peak_rss_mib']:.2f} the process alone  (lower is better)")
         print(f"ratio verifine/TRL process wall time: {v['process_wall_s'] / t['process_wall_s']:.2f}")
