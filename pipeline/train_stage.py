@@ -4,8 +4,6 @@ Checkpoints every K steps; a dead worker restarts from the last one (FailureConf
 re-running the stage after the driver died resumes from the same storage."""
 from __future__ import annotations
 
-import json
-
 from actors.objectives import OBJECTIVE_SPECS
 from actors.train_loop import train_loop
 
@@ -68,6 +66,3 @@ def run_with_ray_train(loop_cfg: dict, num_workers: int, use_gpu: bool, storage_
 def _ray_worker_entry(config: dict) -> None:
     train_loop(config)
 
-
-def history_from_store(store, export_dir: str) -> list[dict]:
-    return [json.loads(line) for line in store.read_bytes(f"{export_dir}/metrics.jsonl").decode().splitlines() if line]

@@ -9,9 +9,8 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
-from actors.verifier import verify_with_ray
+from actors.verifier import VERDICTS, verify_with_ray
 
-VERDICTS = ("correct", "incorrect", "no_answer", "timeout", "error")
 # Only a confident "wrong" is a rejected answer; timeouts/errors say nothing about quality.
 REJECTABLE = ("incorrect", "no_answer")
 
