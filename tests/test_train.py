@@ -148,6 +148,13 @@ def test_reference_that_does_not_match_rows_is_refused(toy_model, tmp_path):
         load_units(cfg, AutoTokenizer.from_pretrained(toy_model))
 
 
+def _registered_checkpoint(snapshot) -> bool:
+    try:
+        return json.loads(snapshot.read_text()).get("latest_checkpoint_result") is not None
+    except (OSError, ValueError):
+        return False
+
+
 @pytest.mark.slow
 def test_rerun_after_driver_death_resumes(toy_model, ray_local, tmp_path):
     """Kill the driver (and with it the training job) after a checkpoint; the next run of
@@ -166,10 +173,12 @@ def test_rerun_after_driver_death_resumes(toy_model, ray_local, tmp_path):
     args = [sys.executable, "-c", code, str(tmp_path / "cfg.json"), str(tmp_path / "ray")]
     proc = subprocess.Popen(args, cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # A checkpoint is durable once Ray Train's controller has registered it in its snapshot;
+    # the files alone can be on disk before that, and a kill then rightly starts over.
+    snapshot = tmp_path / "ray" / "ray-train" / "checkpoint_manager_snapshot.json"
     deadline = time.time() + 300
-    while time.time() < deadline and not list((tmp_path / "ray").glob("ray-train/checkpoint_*/state.json")):
+    while time.time() < deadline and not _registered_checkpoint(snapshot):
         time.sleep(0.5)
-    time.sleep(1.5)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "model.jsonl").exists(), "training finished before the driver was killed"
