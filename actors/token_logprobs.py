@@ -9,8 +9,8 @@ logsumexp, backward recomputes each chunk's logits (one extra matmul) and turns 
 into the softmax gradient in place.
 
 Limits: the LM head must be a plain linear layer (no logit soft-capping or scaling), and
-its weight must be materialised on this rank (fine for DDP and ZeRO-1/2; under ZeRO-3
-gather it first, e.g. `deepspeed.zero.GatheredParameters`).
+its weight must be materialised when `token_logprobs` runs: under ZeRO-3 call it through
+`LogprobHead`, a module owning the weight, so DeepSpeed gathers it around that call.
 """
 
 from __future__ import annotations
@@ -135,6 +135,28 @@ def token_logprobs(
 _LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
 
 
+class LogprobHead(torch.nn.Module):
+    """The output embedding as a module whose forward is `token_logprobs`. It registers
+    the LM head's own Parameters (shared, not copied), so ZeRO-3's module hooks gather
+    them before this forward and again before its backward, as for any layer."""
+
+    def __init__(self, lm_head: torch.nn.Module, chunk_tokens: int = 1024):
+        super().__init__()
+        self.weight = lm_head.weight
+        self.bias = getattr(lm_head, "bias", None)
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, hidden: Tensor, targets: Tensor) -> Tensor:
+        return token_logprobs(hidden, self.weight, targets, self.chunk_tokens, self.bias)
+
+
+def check_plain_head(config) -> None:
+    for field, neutral in _LOGIT_TRANSFORMS.items():
+        value = getattr(config, field, neutral)
+        if value is not None and value != neutral:
+            raise NotImplementedError(f"{field}={value}: logits are not a plain linear head")
+
+
 def causal_lm_token_logprobs(
     model,
     input_ids: Tensor,
@@ -151,27 +173,22 @@ def causal_lm_token_logprobs(
     position_ids; positions whose target starts a new sequence are meaningless and
     must be masked out by the caller (they are prompt tokens anyway).
     """
-    for field, neutral in _LOGIT_TRANSFORMS.items():
-        value = getattr(model.config, field, neutral)
-        if value is not None and value != neutral:
-            raise NotImplementedError(f"{field}={value}: logits are not a plain linear head")
-    body = model.get_decoder()
-    out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    head = model.get_output_embeddings()
-    return token_logprobs(out.last_hidden_state[:, :-1], head.weight, input_ids[:, 1:], chunk_tokens, head.bias)
+    return TokenLogprobModel(model, chunk_tokens)(input_ids, attention_mask, position_ids)
 
 
 class TokenLogprobModel(torch.nn.Module):
     """An HF causal LM whose forward returns per-token target log-probs [B, T-1]: the
     module the train loop hands to DeepSpeed, so the engine's forward is the objective's
-    input. (ZeRO-3 is refused in config: the chunked head reads the output embedding
-    outside the LM head's own forward, and a first attempt with DeepSpeed's external
-    parameters ran but gave wrong updates; see tests/test_train.py.)"""
+    input. Works under ZeRO-1/2/3 (see LogprobHead)."""
 
     def __init__(self, model, chunk_tokens: int = 1024):
         super().__init__()
+        check_plain_head(model.config)
         self.model = model
-        self.chunk_tokens = chunk_tokens
+        self.head = LogprobHead(model.get_output_embeddings(), chunk_tokens)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        return causal_lm_token_logprobs(self.model, input_ids, attention_mask, self.chunk_tokens)
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None) -> Tensor:
+        body = self.model.get_decoder()
+        out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        return self.head(out.last_hidden_state[:, :-1], input_ids[:, 1:])

@@ -103,7 +103,8 @@ def micro_batch_loss(model, units: list[dict], objective: str, normalizer: float
         examples = [u["ex"] for u in units]
         refs = [u["ref"] for u in units] if spec.needs_reference else None
     batch = {k: (v.to(device) if v is not None else None) for k, v in pad_batch(examples, pad_id, refs).items()}
-    logp = model(batch["input_ids"], batch["attention_mask"])  # a TokenLogprobModel
+    # The DeepSpeed engine (its forward keeps ZeRO-3 accumulation in step) of a TokenLogprobModel.
+    logp = model(batch["input_ids"], batch["attention_mask"])
     mask, ref = batch["mask"], batch["ref_logp"]
     tokens = mask.sum().item()  # all response tokens processed (throughput, weighting)
     if spec.uses_pairs:
@@ -130,6 +131,10 @@ def micro_batch_loss(model, units: list[dict], objective: str, normalizer: float
 def _ds_config(cfg: dict, on_gpu: bool) -> dict:
     bf16 = cfg["precision"] == "bf16" or (cfg["precision"] == "auto" and on_gpu)
     zero = {"stage": cfg["zero_stage"]}
+    if cfg["zero_stage"] == 3 and "zero3_param_persistence_threshold" in cfg:
+        # DeepSpeed keeps parameters under 1e5 elements whole on every rank; tests set 0 so
+        # the toy model's small layers are really partitioned.
+        zero["stage3_param_persistence_threshold"] = cfg["zero3_param_persistence_threshold"]
     return {
         "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
         "managed_gradient_accumulation": False,  # we decide the accumulation boundary
@@ -223,10 +228,10 @@ def train_loop(cfg: dict) -> dict:
         total_loss = 0.0
         for mb in my_plan:
             if mb:
-                loss, stats = micro_batch_loss(engine.module, [units[mine[i]] for i in mb], objective,
+                loss, stats = micro_batch_loss(engine, [units[mine[i]] for i in mb], objective,
                                                normalizer, cfg, pad_id)
             else:  # a zero-weight pass keeps ZeRO's per-backward collectives in step
-                loss, stats = micro_batch_loss(engine.module, [units[mine[0] if mine else step_units[0]]],
+                loss, stats = micro_batch_loss(engine, [units[mine[0] if mine else step_units[0]]],
                                                objective, normalizer, cfg, pad_id)
                 loss, stats = loss * 0.0, {}
             # DeepSpeed averages gradients over ranks; scale back up to a global sum / N.
@@ -254,8 +259,7 @@ def train_loop(cfg: dict) -> dict:
             import ray.train
 
             ray.train.report(metrics)
-    if rank == 0:
-        _export(engine, tokenizer, cfg, history)
+    _export(engine, tokenizer, cfg, history, rank)
     dist.barrier()
     return {"steps": len(schedule), "history": history}
 
@@ -275,7 +279,8 @@ def _step_metrics(engine, scheduler, total_loss, agg, step, total_steps, t0, obj
     import torch.distributed as dist
 
     keys = stat_keys(objective)
-    vec = torch.tensor([total_loss, agg.get("tokens", 0.0)] + [agg.get(k, 0.0) for k in keys], dtype=torch.float64)
+    vec = torch.tensor([total_loss, agg.get("tokens", 0.0)] + [agg.get(k, 0.0) for k in keys], dtype=torch.float64,
+                       device=engine.device)  # nccl reduces only device tensors
     dist.all_reduce(vec)
     tokens = vec[1].item()
     gn = engine.get_global_grad_norm()
@@ -367,13 +372,28 @@ def _export_tensorboard(store, cfg, history: list[dict]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _export(engine, tokenizer, cfg, history: list[dict]) -> None:
+def _full_state_dict(engine) -> dict | None:
+    """The HF model's full weights on rank 0 (None elsewhere). Under ZeRO-3 every rank must
+    call this: DeepSpeed gathers the partitions layer by layer onto rank 0's CPU."""
+    if engine.zero_optimization_stage() < 3:
+        return engine.module.model.state_dict()
+    full = engine._zero3_consolidated_16bit_state_dict()
+    if full is None:
+        return None
+    # Keys are TokenLogprobModel's: "model.<hf key>", plus "head.*" (the shared LM head).
+    return {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
+
+
+def _export(engine, tokenizer, cfg, history: list[dict], rank: int) -> None:
     """The final model as a normal HF directory (safetensors + tokenizer) in the store."""
     from pipeline.store import RunStore
 
+    state = _full_state_dict(engine)
+    if rank != 0:
+        return
     out = Path(tempfile.mkdtemp(prefix="verifine-export-"))
     try:
-        engine.module.model.save_pretrained(out, safe_serialization=True)  # ZeRO <= 2: full weights here
+        engine.module.model.save_pretrained(out, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(out)
         store = RunStore(cfg["store_uri"])
         for f in sorted(out.iterdir()):

@@ -85,7 +85,7 @@ class TrainConfig:
     beta: float = 0.1              # f-divergence implicit-reward scale and DPO beta
     num_workers: int = 2
     use_gpu: bool = False
-    zero_stage: Literal[0, 1, 2] = 2  # ZeRO-3: not yet (see actors/token_logprobs.TokenLogprobModel)
+    zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     optimizer: Literal["adamw", "sgd"] = "adamw"
     checkpoint_every: int = 50     # optimizer steps

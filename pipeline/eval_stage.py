@@ -50,9 +50,12 @@ def summarize_judged(judged: list[dict], n: int) -> dict:
     return summary
 
 
-def run_eval(store, work_dir: str, problems: list[dict], template: str, model_path: str, cfg, log=print):
+def run_eval(store, work_dir: str, problems: list[dict], template: str, model_path: str, cfg, log=print,
+             later_jobs=()):
+    """Sample the problems (and any later_jobs of the same model, in one engine pool),
+    then judge and summarise the problems' samples."""
     from actors.sampler import EngineSpec
-    from pipeline.sample_stage import sample_blocks
+    from pipeline.sample_stage import SampleJob, sample_jobs
     from pipeline.verify_stage import judge_samples
 
     e = cfg.eval
@@ -60,10 +63,12 @@ def run_eval(store, work_dir: str, problems: list[dict], template: str, model_pa
                       seed=cfg.run.seed, tensor_parallel=max(1, cfg.sample.gpus_per_engine),
                       gpu_memory_utilization=cfg.sample.gpu_memory_utilization,
                       max_model_len=cfg.sample.max_model_len, dtype=cfg.model.dtype)
-    blocks, sample_stats = sample_blocks(store, f"{work_dir}/blocks", problems, model_path, template, spec,
-                                         cfg.sample.num_engines, cfg.sample.gpus_per_engine,
-                                         cfg.sample.block_size, log)
-    samples = store.read_rows(*blocks)
+    if later_jobs:
+        log(f"  sampling {len(later_jobs)} more benchmark(s) of this model with the same engines")
+    job = SampleJob(f"{work_dir}/blocks", problems, template)
+    blocks, sample_stats = sample_jobs(store, [job, *later_jobs], model_path, spec, cfg.sample.num_engines,
+                                       cfg.sample.gpus_per_engine, cfg.sample.block_size, log)
+    samples = store.read_rows(*blocks[0])
     judged = judge_samples(samples, {p["prompt_id"]: p["gold"] for p in problems}, cfg.verify.num_tasks,
                            cfg.verify.deadline_s)
     summary = summarize_judged(judged, e.n)

@@ -73,7 +73,12 @@ def build_stages(cfg: Config, log=print) -> list[Stage]:
                             ["verify"], lambda ctx: _run_reference(ctx, cfg, ref_sets, log)))
     for obj in cfg.train.objectives:
         stages.append(_train_stage(cfg, obj, model_id, log))
-    evals = [_eval_stage(cfg, m, b, model_id, log) for m in eval_models(cfg) for b in cfg.eval.benchmarks]
+    evals = []
+    for m in eval_models(cfg):
+        group: dict[str, Stage] = {}  # one model's benchmarks: they share one engine start-up
+        for b in cfg.eval.benchmarks:
+            group[b] = _eval_stage(cfg, m, b, model_id, group, log)
+        evals += group.values()
     stages += evals
     if evals:
         inputs = ["verify"] + [f"train/{o}" for o in cfg.train.objectives] + [s.name for s in evals]
@@ -94,11 +99,11 @@ def registry_path(cfg: Config) -> str:
     return str(p if p.is_absolute() else CONFIG_DIR / p)
 
 
-def _eval_stage(cfg: Config, model: str, bench: str, model_id: dict, log) -> Stage:
+def _eval_stage(cfg: Config, model: str, bench: str, model_id: dict, group: dict, log) -> Stage:
     config = {"benchmark": _registry_entry(cfg, bench), "eval": _section(cfg.eval, drop=("benchmarks", "models", "registry")),
               "seed": cfg.run.seed, "model": model_id if model == "base" else model}
     inputs = [] if model == "base" else [f"train/{model}"]
-    return Stage(f"eval/{model}/{bench}", config, inputs, lambda ctx: _run_eval(ctx, cfg, model, bench, log))
+    return Stage(f"eval/{model}/{bench}", config, inputs, lambda ctx: _run_eval(ctx, cfg, model, bench, group, log))
 
 
 def _registry_entry(cfg: Config, bench: str) -> dict:
@@ -145,11 +150,22 @@ def local_model_dir(store, rel: str) -> str:
     return str(dest)
 
 
-def _run_eval(ctx: StageContext, cfg: Config, model: str, bench: str, log):
+def _run_eval(ctx: StageContext, cfg: Config, model: str, bench: str, group: dict, log):
+    """Evaluate one (model, benchmark). The model's later benchmarks that this invocation
+    runs too are sampled now, into their own stages' block directories, by the same
+    engines: each later stage then finds its blocks present and only judges them."""
     from pipeline.eval_stage import load_benchmark, run_eval
+    from pipeline.sample_stage import SampleJob
 
-    problems, template, _ = load_benchmark(bench, registry_path(cfg), cfg.eval.limit, cfg.run.seed)
-    return run_eval(ctx.store, ctx.work_dir, problems, template, model_path_for(ctx, cfg, model, log), cfg, log)
+    def problems_of(name: str) -> tuple[list[dict], str]:
+        problems, template, _ = load_benchmark(name, registry_path(cfg), cfg.eval.limit, cfg.run.seed)
+        return problems, template
+
+    names = list(group)
+    later = [SampleJob(f"{StageContext(ctx.store, group[b]).work_dir}/blocks", *problems_of(b))
+             for b in names[names.index(bench) + 1:] if group[b].name in ctx.scheduled]
+    return run_eval(ctx.store, ctx.work_dir, *problems_of(bench), model_path_for(ctx, cfg, model, log), cfg, log,
+                    later)
 
 
 def _run_report(ctx: StageContext, cfg: Config, log):

@@ -25,6 +25,7 @@ class StageContext:
     store: RunStore
     stage: Stage
     upstream: dict = field(default_factory=dict)  # name -> manifest of each input
+    scheduled: frozenset = frozenset()  # stages this invocation runs (e.g. to share an engine)
 
     @property
     def work_dir(self) -> str:
@@ -67,20 +68,22 @@ def run_stages(store: RunStore, stages: list[Stage], only: set[str] | None = Non
     by_name = resolve_fingerprints(stages)
     forced = downstream_of(stages, set(force))
     wanted = set(by_name) if not only else _with_inputs(by_name, only)
+    states = {s.name: stage_state(store, s) for s in stages if s.name in wanted}
+    scheduled = frozenset(n for n, state in states.items() if state != "done" or n in forced)
+    for name in scheduled & forced:  # up front: a stage may write ahead into a later one's parts
+        store.delete_dir(f"{name}/parts-{by_name[name].fingerprint[:12]}")
     outcome = {}
     for s in stages:
         if s.name not in wanted:
             continue
-        state = stage_state(store, s)
-        if state == "done" and s.name not in forced:
+        state = states[s.name]
+        if s.name not in scheduled:
             log(f"[{s.name}] cached ({s.fingerprint})")
             outcome[s.name] = "cached"
             continue
         log(f"[{s.name}] running ({'forced' if s.name in forced else state}, fingerprint {s.fingerprint})")
         start = time.time()
-        if s.name in forced:
-            store.delete_dir(f"{s.name}/parts-{s.fingerprint[:12]}")
-        ctx = StageContext(store, s, {i: store.manifest(i) for i in s.inputs})
+        ctx = StageContext(store, s, {i: store.manifest(i) for i in s.inputs}, scheduled)
         files, stats = s.run(ctx)
         store.complete_stage(s.name, s.fingerprint, s.config, {i: by_name[i].fingerprint for i in s.inputs},
                              files, stats, started=start)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 
 import pyarrow as pa
 
@@ -28,46 +29,68 @@ def sample_blocks(store, work_dir: str, problems: list[dict], model_path: str, t
                   log=print) -> tuple[list[str], dict]:
     """Sample every problem (rows with prompt_id, problem) into block files under
     work_dir; blocks already present are kept. Returns (block files, stats)."""
+    files, stats = sample_jobs(store, [SampleJob(work_dir, problems, template)], model_path, spec, num_engines,
+                               gpus_per_engine, block_size, log)
+    return files[0], stats
+
+
+@dataclass
+class SampleJob:
+    work_dir: str          # block files go here
+    problems: list[dict]   # rows with prompt_id, problem
+    template: str          # prompt template name
+
+
+def sample_jobs(store, jobs: list[SampleJob], model_path: str, spec: EngineSpec, num_engines: int,
+                gpus_per_engine: int, block_size: int, log=print) -> tuple[list[list[str]], dict]:
+    """Sample several prompt sets with the same model through one pool of engines (so
+    e.g. all benchmarks of a model pay for one engine start-up). Returns each job's
+    block files and the stats of this call."""
     import ray
 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    blocks = [problems[i:i + block_size] for i in range(0, len(problems), block_size)]
-    todo = [b for b in range(len(blocks)) if not store.exists(block_path(work_dir, b))]
-    log(f"  {len(problems)} prompts in {len(blocks)} blocks; {len(blocks) - len(todo)} already sampled")
-    stats = {"prompts": len(problems), "blocks": len(blocks), "blocks_resumed": len(blocks) - len(todo)}
+    blocks = {(j, b): job.problems[i:i + block_size]
+              for j, job in enumerate(jobs) for b, i in enumerate(range(0, len(job.problems), block_size))}
+    todo = [key for key in blocks if not store.exists(block_path(jobs[key[0]].work_dir, key[1]))]
+    log(f"  {sum(len(j.problems) for j in jobs)} prompts in {len(blocks)} blocks; "
+        f"{len(blocks) - len(todo)} already sampled")
+    stats = {"prompts": sum(len(j.problems) for j in jobs), "blocks": len(blocks),
+             "blocks_resumed": len(blocks) - len(todo)}
     start, out_tokens = time.time(), 0
     if todo:
-        items = [{"block_id": b,
-                  "prompt_ids": [p["prompt_id"] for p in blocks[b]],
-                  "prompts": [render_prompt(tokenizer, template, p["problem"]) for p in blocks[b]]}
-                 for b in todo]
+        items = [{"block_id": k,
+                  "prompt_ids": [p["prompt_id"] for p in blocks[j, b]],
+                  "prompts": [render_prompt(tokenizer, jobs[j].template, p["problem"]) for p in blocks[j, b]]}
+                 for k, (j, b) in enumerate(todo)]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         # One block per batch: an actor's output for a block arrives complete.
         ds = ds.map_batches(VLLMSampler, fn_constructor_kwargs={"spec": spec.to_dict()}, batch_size=1,
                             concurrency=min(num_engines, len(items)), num_gpus=gpus_per_engine or None,
                             num_cpus=1 if not gpus_per_engine else None)
         pending: dict[int, list[dict]] = {}
-        expected = {b: len(blocks[b]) * spec.n for b in todo}
+        expected = {k: len(blocks[key]) * spec.n for k, key in enumerate(todo)}
         done = 0
         for batch in ds.iter_rows():
-            b = int(batch["block_id"])
-            row = {k: batch[k] for k in SAMPLE_SCHEMA.names}
-            pending.setdefault(b, []).append(row)
-            if len(pending[b]) == expected[b]:
-                rows = sorted(pending.pop(b), key=lambda r: (r["prompt_id"], r["sample_idx"]))
+            k = int(batch["block_id"])
+            row = {c: batch[c] for c in SAMPLE_SCHEMA.names}
+            pending.setdefault(k, []).append(row)
+            if len(pending[k]) == expected[k]:
+                rows = sorted(pending.pop(k), key=lambda r: (r["prompt_id"], r["sample_idx"]))
                 out_tokens += sum(r["num_tokens"] for r in rows)
-                store.write_rows(block_path(work_dir, b), rows, SAMPLE_SCHEMA)
+                j, b = todo[k]
+                store.write_rows(block_path(jobs[j].work_dir, b), rows, SAMPLE_SCHEMA)
                 done += 1
                 elapsed = time.time() - start
-                log(f"  block {b}: {len(rows)} samples; {done}/{len(todo)} blocks, "
-                    f"{out_tokens / max(elapsed, 1e-9):.0f} output tok/s")
+                log(f"  block {b}{f' of set {j}' if len(jobs) > 1 else ''}: {len(rows)} samples; "
+                    f"{done}/{len(todo)} blocks, {out_tokens / max(elapsed, 1e-9):.0f} output tok/s")
                 if TEST_BLOCK_DELAY_S:
                     time.sleep(TEST_BLOCK_DELAY_S)
         if pending:
-            raise RuntimeError(f"sampler returned incomplete blocks {sorted(pending)}")
+            raise RuntimeError(f"sampler returned incomplete blocks {sorted(todo[k] for k in pending)}")
     seconds = time.time() - start
     stats.update({"seconds": round(seconds, 2), "output_tokens": out_tokens,
                   "output_tokens_per_s": round(out_tokens / seconds, 1) if todo and seconds else None})
-    return [block_path(work_dir, b) for b in range(len(blocks))], stats
+    files = [[block_path(job.work_dir, b) for (j, b) in blocks if j == jn] for jn, job in enumerate(jobs)]
+    return files, stats
