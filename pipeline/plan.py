@@ -183,7 +183,7 @@ def reference_sets(cfg: Config) -> list[str]:
 
 def _train_stage(cfg: Config, objective: str, model_id: dict, log) -> Stage:
     from actors.objectives import OBJECTIVE_SPECS
-    from pipeline.train_stage import data_kind
+    from pipeline.train_stage import data_kind, lr_and_batch
 
     kind = data_kind(objective, cfg.train.data)
     needs_ref = OBJECTIVE_SPECS[objective].needs_reference
@@ -191,9 +191,8 @@ def _train_stage(cfg: Config, objective: str, model_id: dict, log) -> Stage:
     if needs_ref:
         inputs.append("reference")
     train_cfg = _section(cfg.train, drop=("objectives", "data", "dpo_lr", "dpo_batch_size", "max_failures"))
-    if objective == "dpo":  # DPO's own lr / batch replace the shared ones (and only DPO sees them)
-        train_cfg["lr"] = cfg.train.dpo_lr or cfg.train.lr
-        train_cfg["batch_size"] = cfg.train.dpo_batch_size or cfg.train.batch_size
+    # The lr / batch this objective trains with (DPO's own ones only change DPO's fingerprint).
+    train_cfg["lr"], train_cfg["batch_size"] = lr_and_batch(cfg.train, objective)
     config = {"objective": objective, "data": kind, "train": train_cfg, "model": model_id,
               "seed": cfg.run.seed, "template": cfg.sample.template if kind == "gold" else None}
     return Stage(f"train/{objective}", config, inputs, lambda ctx: _run_train(ctx, cfg, objective, kind, log))

@@ -26,11 +26,17 @@ def check_not_empty(store, data_file: str, kind: str, verify_stats: dict | None)
     return rows
 
 
+def lr_and_batch(train_cfg, objective: str) -> tuple[float, int]:
+    """DPO has its own lr / batch size in the papers (train.dpo_lr, train.dpo_batch_size)."""
+    if objective == "dpo":
+        return train_cfg.dpo_lr or train_cfg.lr, train_cfg.dpo_batch_size or train_cfg.batch_size
+    return train_cfg.lr, train_cfg.batch_size
+
+
 def loop_config(cfg, objective: str, store, data_file: str, kind: str, reference_file: str | None,
                 model_path: str, export_dir: str) -> dict:
     t = cfg.train
-    lr = t.dpo_lr if objective == "dpo" and t.dpo_lr else t.lr
-    batch = t.dpo_batch_size if objective == "dpo" and t.dpo_batch_size else t.batch_size
+    lr, batch = lr_and_batch(t, objective)
     return {
         "objective": objective, "data": kind, "data_file": data_file, "reference_file": reference_file,
         "store_uri": store.uri, "model_path": model_path, "export_dir": export_dir,

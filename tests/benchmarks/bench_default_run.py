@@ -28,15 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_common import load_avg
+
 REPO = Path(__file__).resolve().parents[2]
 FIRST_TARGET_S = 20 * 60
-
-
-def load_avg() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "?"
 
 
 def verifine_command() -> list[str]:

@@ -45,17 +45,12 @@ import time
 from pathlib import Path
 from statistics import median
 
+from bench_common import load_avg
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # run as a plain script from anywhere
 
 RESULT = "BENCH_RESULT "
-
-
-def load_avg() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "?"
 
 
 def steady(times: list[float], tokens: list[int], skip: int) -> float:
