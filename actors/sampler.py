@@ -33,12 +33,18 @@ class EngineSpec:
 def make_engine(spec: EngineSpec):
     """A vLLM engine for `spec`. Engine-level seed only: a per-request seed crashes the
     CPU engine on large batches (DESIGN facts)."""
+    on_cpu = spec.tensor_parallel <= 1 and not _has_gpu()
+    if on_cpu:
+        # One process: by default vLLM spawns an engine-core and a worker process, and each
+        # re-imports vLLM (~9 s apiece inside a Ray actor on 2 cores, for no gain on CPU).
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
 
-    on_cpu = spec.tensor_parallel <= 1 and not _has_gpu()
     kwargs = dict(model=spec.model, seed=spec.seed, dtype=spec.dtype,
                   tensor_parallel_size=spec.tensor_parallel,
                   gpu_memory_utilization=spec.gpu_memory_utilization, enforce_eager=on_cpu)
+    if on_cpu:
+        kwargs["distributed_executor_backend"] = "uni"
     if spec.max_model_len:
         kwargs["max_model_len"] = spec.max_model_len
     return LLM(**kwargs)
