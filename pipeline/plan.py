@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline import toy_task
 from pipeline.config import CONFIG_DIR, Config
-from pipeline.runner import Stage, StageContext
+from pipeline.runner import Stage, StageContext, stage_work_dir
 
 STAGE_ORDER = ("prompts", "sample", "verify", "reference", "train", "eval", "report")
 
@@ -162,7 +162,7 @@ def _run_eval(ctx: StageContext, cfg: Config, model: str, bench: str, group: dic
         return problems, template
 
     names = list(group)
-    later = [SampleJob(f"{StageContext(ctx.store, group[b]).work_dir}/blocks", *problems_of(b))
+    later = [SampleJob(f"{stage_work_dir(group[b])}/blocks", *problems_of(b))
              for b in names[names.index(bench) + 1:] if group[b].name in ctx.scheduled]
     return run_eval(ctx.store, ctx.work_dir, *problems_of(bench), model_path_for(ctx, cfg, model, log), cfg, log,
                     later)

@@ -29,9 +29,17 @@ class StageContext:
 
     @property
     def work_dir(self) -> str:
-        """Where this stage's files go: keyed by fingerprint so blocks written under an
-        older config are never mixed into a new result, and a killed run resumes."""
-        return f"{self.stage.name}/parts-{self.stage.fingerprint[:12]}"
+        return stage_work_dir(self.stage)
+
+
+def parts_dir_name(stage: Stage) -> str:
+    return f"parts-{stage.fingerprint[:12]}"
+
+
+def stage_work_dir(stage: Stage) -> str:
+    """Where a stage's files go: keyed by fingerprint so blocks written under an older
+    config are never mixed into a new result, and a killed run resumes."""
+    return f"{stage.name}/{parts_dir_name(stage)}"
 
 
 def resolve_fingerprints(stages: list[Stage]) -> dict[str, Stage]:
@@ -71,7 +79,7 @@ def run_stages(store: RunStore, stages: list[Stage], only: set[str] | None = Non
     states = {s.name: stage_state(store, s) for s in stages if s.name in wanted}
     scheduled = frozenset(n for n, state in states.items() if state != "done" or n in forced)
     for name in scheduled & forced:  # up front: a stage may write ahead into a later one's parts
-        store.delete_dir(f"{name}/parts-{by_name[name].fingerprint[:12]}")
+        store.delete_dir(stage_work_dir(by_name[name]))
     outcome = {}
     for s in stages:
         if s.name not in wanted:
@@ -107,7 +115,7 @@ def _with_inputs(by_name: dict[str, Stage], names: set[str]) -> set[str]:
 
 
 def _drop_old_parts(store: RunStore, stage: Stage) -> None:
-    keep = f"parts-{stage.fingerprint[:12]}"
+    keep = parts_dir_name(stage)
     prefix = f"{stage.name}/"
     for rel in store.list_files(stage.name):
         part = rel[len(prefix):].split("/", 1)[0]

@@ -54,10 +54,9 @@ def sample_jobs(store, jobs: list[SampleJob], model_path: str, spec: EngineSpec,
     blocks = {(j, b): job.problems[i:i + block_size]
               for j, job in enumerate(jobs) for b, i in enumerate(range(0, len(job.problems), block_size))}
     todo = [key for key in blocks if not store.exists(block_path(jobs[key[0]].work_dir, key[1]))]
-    log(f"  {sum(len(j.problems) for j in jobs)} prompts in {len(blocks)} blocks; "
-        f"{len(blocks) - len(todo)} already sampled")
     stats = {"prompts": sum(len(j.problems) for j in jobs), "blocks": len(blocks),
              "blocks_resumed": len(blocks) - len(todo)}
+    log(f"  {stats['prompts']} prompts in {len(blocks)} blocks; {stats['blocks_resumed']} already sampled")
     start, out_tokens = time.time(), 0
     if todo:
         items = [{"block_id": k,
