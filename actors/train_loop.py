@@ -31,7 +31,7 @@ CKPT_TAG = "ckpt"
 # ----------------------------------------------------------------------------- data
 def load_units(cfg: dict, tokenizer) -> list[dict]:
     """Training units: one sequence (sft/rft/dft/f-div) or one (chosen, rejected) pair."""
-    from pipeline.store import RunStore
+    from actors.store import RunStore
 
     store = RunStore(cfg["store_uri"])
     rows = store.read_rows(cfg["data_file"])
@@ -49,7 +49,7 @@ def load_units(cfg: dict, tokenizer) -> list[dict]:
                 unit["ref_c"], unit["ref_r"] = _checked(ref["ref_chosen"], c, cfg), _checked(ref["ref_rejected"], r, cfg)
         else:
             if cfg["data"] == "gold":
-                from pipeline.prompt_templates import render_prompt
+                from actors.prompt_templates import render_prompt
 
                 prompt, completion = render_prompt(tokenizer, cfg["template"], row["problem"]), row["solution"]
             else:
@@ -386,7 +386,7 @@ def _full_state_dict(engine) -> dict | None:
 
 def _export(engine, tokenizer, cfg, history: list[dict], rank: int) -> None:
     """The final model as a normal HF directory (safetensors + tokenizer) in the store."""
-    from pipeline.store import RunStore
+    from actors.store import RunStore
 
     state = _full_state_dict(engine)
     if rank != 0:

@@ -53,7 +53,7 @@ def run_pipeline(cfg: Config, stages: list[str] = (), force: list[str] = ()) -> 
     from pipeline.plan import build_stages
     from pipeline.ray_session import check_shared_storage, connect
     from pipeline.runner import run_stages
-    from pipeline.store import RunStore
+    from actors.store import RunStore
 
     plan = build_stages(cfg, log=log)
     names = [s.name for s in plan]
@@ -78,7 +78,7 @@ def load_run_config(store) -> Config:
 def status_table(run_dir: str) -> str:
     from pipeline.plan import build_stages
     from pipeline.runner import resolve_fingerprints, stage_state
-    from pipeline.store import RunStore
+    from actors.store import RunStore
 
     store = RunStore(run_dir, create=False)
     cfg = load_run_config(store)

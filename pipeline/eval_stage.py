@@ -25,10 +25,8 @@ def load_benchmark(name: str, registry_path: str, limit: int | None, seed: int) 
     spec, template = registry[name]
     count = min(x for x in (limit, spec.limit) if x is not None) if (limit or spec.limit) else None
     if spec.path.startswith(TOY_PREFIX):
-        from pipeline.plan import _toy_row
-
         split = spec.path[len(TOY_PREFIX):]
-        problems = [_toy_row(p, spec.name) for p in toy_task.make_problems(split, count or 200, seed=seed)]
+        problems = [toy_task.prompt_row(p, spec.name) for p in toy_task.make_problems(split, count or 200, seed=seed)]
     else:
         problems, _ = load_problems(spec, base_dir=Path(registry_path).parent)
         problems = problems[:count] if count else problems

@@ -42,20 +42,12 @@ def _section(obj, drop=()) -> dict:
 def load_prompt_rows(cfg: Config) -> tuple[list[dict], dict]:
     if cfg.data.source is None:
         problems = toy_task.make_problems("train", cfg.data.toy_count, seed=cfg.run.seed)
-        rows = [_toy_row(p) for p in problems]
+        rows = [toy_task.prompt_row(p) for p in problems]
         return rows, {"rows": len(rows), "source": toy_task.SOURCE}
     from pipeline.sources import SourceSpec, load_problems
 
     spec = SourceSpec.from_dict(cfg.data.source, where=f"{cfg.source_file}: data.source")
     return load_problems(spec, base_dir=Path(cfg.source_file).parent)
-
-
-def _toy_row(problem: dict, source: str = toy_task.SOURCE) -> dict:
-    from pipeline.sources import prompt_id_for
-
-    a, b = (int(x) for x in problem["problem"].removeprefix("What is ").rstrip("?").split(" + "))
-    return {"prompt_id": prompt_id_for(source, problem["problem"]), "problem": problem["problem"],
-            "gold": problem["gold"], "source": source, "solution": toy_task.solution_text(a, b)}
 
 
 def build_stages(cfg: Config, log=print) -> list[Stage]:
@@ -134,7 +126,7 @@ def model_dir(train_manifest: dict) -> str:
 def local_model_dir(store, rel: str) -> str:
     """vLLM and transformers load from a local directory: object-store models are
     copied to the local cache first (once, keyed by path)."""
-    from pipeline.store import is_remote
+    from actors.store import is_remote
 
     if not is_remote(store.uri):
         return store.path(rel)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from pipeline.store import is_remote
+from actors.store import is_remote
 
 
 DRIVER_ENV_VARS = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::DeprecationWarning"}

@@ -250,7 +250,7 @@ def rebuild_report(run_dir: str, log=print) -> str:
     """`verifine report RUN_DIR`: rebuild from stored results (no sampling, no training)."""
     from pipeline.cli import load_run_config
     from pipeline.ray_session import connect
-    from pipeline.store import RunStore
+    from actors.store import RunStore
 
     store = RunStore(run_dir, create=False)
     cfg = load_run_config(store)

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from pipeline.store import RunStore, fingerprint
+from actors.store import RunStore, fingerprint
 
 
 @dataclass

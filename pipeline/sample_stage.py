@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from actors.sampler import EngineSpec, VLLMSampler
-from pipeline.prompt_templates import render_prompt
+from actors.prompt_templates import render_prompt
 
 SAMPLE_SCHEMA = pa.schema([("prompt_id", pa.string()), ("sample_idx", pa.int32()), ("prompt", pa.string()),
                            ("completion", pa.string()), ("finish_reason", pa.string()), ("num_tokens", pa.int32())])

@@ -77,3 +77,12 @@ def pretraining_pairs(rng: random.Random) -> tuple[int, int]:
         else:
             a, b = rng.randint(100, 999), rng.randint(10, 99)
         return a, b
+
+
+def prompt_row(problem: dict, source: str = SOURCE) -> dict:
+    """A toy problem as a `prompts` row (gold and the column-addition solution for SFT)."""
+    from pipeline.sources import prompt_id_for
+
+    a, b = (int(x) for x in problem["problem"].removeprefix("What is ").rstrip("?").split(" + "))
+    return {"prompt_id": prompt_id_for(source, problem["problem"]), "problem": problem["problem"],
+            "gold": problem["gold"], "source": source, "solution": solution_text(a, b)}

@@ -251,7 +251,7 @@ def stage_lines(logs: str) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_pipeline_as_ray_job(ray_head, tmp_path):
-    from pipeline.store import RunStore
+    from actors.store import RunStore
 
     jobs = Jobs(ray_head)
     run_dir = tmp_path / "run"

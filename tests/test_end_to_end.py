@@ -6,7 +6,7 @@ from collections import defaultdict
 import pytest
 
 from pipeline.config import load_config
-from pipeline.store import RunStore
+from actors.store import RunStore
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.store import RunStore
+from actors.store import RunStore
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -26,11 +26,11 @@ def test_toy_base_model_is_partially_competent(toy_model, ray_local, tmp_path):
     sampler and verifier, must sit in the 20-70% band: some right, some wrong answers."""
     from actors.sampler import EngineSpec
     from actors.verifier import verify_with_ray
-    from pipeline.plan import _toy_row
+    from pipeline.toy_task import prompt_row
     from pipeline.sample_stage import sample_blocks
     from pipeline.toy_task import make_problems
 
-    problems = [_toy_row(p) for p in make_problems("id", 64, seed=0)]
+    problems = [prompt_row(p) for p in make_problems("id", 64, seed=0)]
     spec = EngineSpec(model=toy_model, n=4, temperature=1.0, max_tokens=80, seed=0, gpu_memory_utilization=0.2)
     files, _ = sample_blocks(RunStore(str(tmp_path)), "s", problems, toy_model, "chat", spec, 1, 0, 64)
     rows = RunStore(str(tmp_path)).read_rows(*files)

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.runner import Stage, run_stages
-from pipeline.store import RunStore
+from actors.store import RunStore
 
 
 def test_roundtrip_and_manifest_checksums(tmp_path):
@@ -49,7 +49,7 @@ def test_existing_file_survives_a_failed_overwrite(tmp_path):
     class Boom(Exception):
         pass
 
-    import pipeline.store as st
+    import actors.store as st
     real = st.os.replace
     st.os.replace = lambda *a: (_ for _ in ()).throw(Boom())
     try:

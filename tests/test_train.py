@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.store import RunStore
+from actors.store import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 def write_positives(store: RunStore, tokenizer_dir: str, count: int = 24) -> str:
     from transformers import AutoTokenizer
 
-    from pipeline.prompt_templates import render_prompt
+    from actors.prompt_templates import render_prompt
     from pipeline.toy_task import make_problems, solution_text
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)

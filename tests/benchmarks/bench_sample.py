@@ -52,14 +52,14 @@ def toy_setup(args):
     from transformers import AutoTokenizer
 
     from actors.sampler import EngineSpec
-    from pipeline.plan import _toy_row
-    from pipeline.prompt_templates import render_prompt
+    from pipeline.toy_task import prompt_row
+    from actors.prompt_templates import render_prompt
     from pipeline.toy_model import ensure_toy_model
     from pipeline.toy_task import make_problems
 
     model = str(ensure_toy_model(0))
     tokenizer = AutoTokenizer.from_pretrained(model)
-    problems = [_toy_row(p) for p in make_problems("train", args.prompts, seed=0)]
+    problems = [prompt_row(p) for p in make_problems("train", args.prompts, seed=0)]
     prompts = [render_prompt(tokenizer, "chat", p["problem"]) for p in problems]
     spec = EngineSpec(model=model, n=args.n, temperature=args.temperature, top_p=1.0, max_tokens=args.max_tokens,
                       seed=0, gpu_memory_utilization=args.gpu_memory_utilization)
@@ -91,7 +91,7 @@ def timed_sampler_class(record: str):
 def arm_stage(args) -> dict:
     import pipeline.sample_stage as sample_stage
     from pipeline.ray_session import connect
-    from pipeline.store import RunStore
+    from actors.store import RunStore
 
     model, _, problems, _, spec = toy_setup(args)
     t0 = time.perf_counter()

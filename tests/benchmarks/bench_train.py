@@ -73,15 +73,15 @@ def write_data(data_dir: Path, examples: int, model: str) -> None:
     """Toy prompt + solution rows: parquet (positives format) for verifine, JSONL for TRL."""
     from transformers import AutoTokenizer
 
-    from pipeline.plan import _toy_row
-    from pipeline.prompt_templates import render_prompt
-    from pipeline.store import RunStore
+    from pipeline.toy_task import prompt_row
+    from actors.prompt_templates import render_prompt
+    from actors.store import RunStore
     from pipeline.toy_task import make_problems
 
     tok = AutoTokenizer.from_pretrained(model)
     rows = []
     for p in make_problems("train", examples, seed=0):
-        r = _toy_row(p)
+        r = prompt_row(p)
         rows.append({"prompt_id": r["prompt_id"], "sample_idx": 0, "prompt": render_prompt(tok, "chat", r["problem"]),
                      "completion": r["solution"]})
     RunStore(str(data_dir)).write_rows("positives.parquet", rows)
@@ -95,7 +95,7 @@ def arm_verifine(args, model: str) -> dict:
 
     from actors.sequences import step_schedule
     from actors.train_loop import load_units, train_loop
-    from pipeline.store import RunStore
+    from actors.store import RunStore
     from transformers import AutoTokenizer
 
     store = RunStore(args.data_dir)
