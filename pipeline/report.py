@@ -12,33 +12,34 @@ from pipeline.metrics import summarize
 PLOTS = ("accuracy.png", "pass_at_k.png", "training_curves.png", "token_prob_hist.png")
 
 
-def collect(store, cfg) -> dict:
-    """Numbers of the report, recomputed from the stored per-sample eval rows."""
-    from pipeline.eval_stage import summarize_judged
-    from pipeline.plan import eval_models
+VERSION = 1
 
-    models, benches = eval_models(cfg), list(cfg.eval.benchmarks)
+
+def collect(store, manifests: dict, models: list[str], benches: list[str], n: int) -> dict:
+    """Numbers of the report, recomputed from the stored per-sample eval rows of the given
+    stage manifests (only stages done under the current configuration are passed in)."""
+    from pipeline.eval_stage import summarize_judged
+
     evals: dict = {}
     for m in models:
         for b in benches:
-            man = store.manifest(f"eval/{m}/{b}")
+            man = manifests.get(f"eval/{m}/{b}")
             if not man:
                 continue
             judged = store.read_rows(next(f for f in man["files"] if f.endswith("judged.parquet")))
-            evals.setdefault(m, {})[b] = summarize_judged(judged, cfg.eval.n)
-    verify = (store.manifest("verify") or {}).get("stats", {})
+            evals.setdefault(m, {})[b] = summarize_judged(judged, n)
+    verify = (manifests.get("verify") or {}).get("stats", {})
     train = {}
-    for o in cfg.train.objectives:
-        man = store.manifest(f"train/{o}")
-        if man:
+    for name, man in sorted(manifests.items()):
+        if name.startswith("train/"):
             rel = next(f for f in man["files"] if f.endswith("metrics.jsonl"))
             history = [json.loads(l) for l in store.read_bytes(rel).decode().splitlines() if l]
-            train[o] = {"steps": len(history), "final": history[-1] if history else {}, "history": history}
+            train[name[len("train/"):]] = {"steps": len(history), "final": history[-1] if history else {},
+                                           "history": history}
     for m, per in evals.items():
         scores = [per[b]["avg_at_n"] for b in benches if b in per]
         per["_average"] = sum(scores) / len(scores) if scores else None
-    return {"models": models, "benchmarks": benches, "n": cfg.eval.n, "eval": evals, "verify": verify,
-            "train": train}
+    return {"models": models, "benchmarks": benches, "n": n, "eval": evals, "verify": verify, "train": train}
 
 
 def _pct(x) -> str:
@@ -87,6 +88,10 @@ def render_markdown(data: dict) -> str:
             lines.append(f"| {o} | {t['steps']} | {fmt('loss')} | {fmt('token_prob')} | {fmt('kl_to_reference')} "
                          f"| {fmt('implicit_reward')} |")
         lines.append("")
+    if data.get("excluded"):
+        lines += ["## Left out", "", "These stages do not match the current configuration (stale, missing or broken; "
+                  "`verifine status` shows why) and are not in the tables above:", ""]
+        lines += [f"- {name}" for name in data["excluded"]] + [""]
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in PLOTS] + [""]
     return "\n".join(lines)
 
@@ -183,49 +188,55 @@ def plot_token_probs(probs: dict[str, list[float]]) -> bytes:
     return _png(fig)
 
 
-def heldout_positives(store, cfg, limit: int = 64) -> list[dict]:
+def heldout_positives(store, manifests: dict, bench: str, limit: int = 64) -> list[dict]:
     """Correct answers of the base model on the first eval benchmark: never trained on."""
-    bench = cfg.eval.benchmarks[0]
-    man = store.manifest(f"eval/base/{bench}")
+    man = manifests.get(f"eval/base/{bench}")
     if not man:
         return []
     rows = store.read_rows(next(f for f in man["files"] if f.endswith("judged.parquet")))
     return [r for r in rows if r["verdict"] == "correct" and r["finish_reason"] == "stop"][:limit]
 
 
-def token_probabilities(store, cfg, log=print) -> dict[str, list[float]]:
+def token_probabilities(store, manifests: dict, bench: str, base_source, max_len: int, use_gpu: bool,
+                        log=print) -> dict[str, list[float]]:
     """Per-token target probabilities of base and each trained model on held-out positives,
-    scored as Ray tasks (one model at a time)."""
+    scored as Ray tasks (each materializes its model on its own node)."""
     import math
 
     import ray
 
-    from pipeline.plan import base_model_path, local_model_dir, model_dir
+    from actors.model_source import store_model_source
 
-    rows = heldout_positives(store, cfg)
+    rows = heldout_positives(store, manifests, bench)
     if not rows:
         return {}
-    paths = {"base": base_model_path(cfg, log)}
-    for o in cfg.train.objectives:
-        man = store.manifest(f"train/{o}")
-        if man:
-            paths[o] = local_model_dir(store, model_dir(man))
-    task = ray.remote(num_cpus=1, num_gpus=1 if cfg.train.use_gpu else 0)(_score)
-    refs = {m: task.remote(p, cfg.train.max_len, [r["prompt"] for r in rows], [r["completion"] for r in rows])
-            for m, p in paths.items()}
+    sources = {"base": base_source}
+    for name, man in sorted(manifests.items()):
+        if name.startswith("train/"):
+            sources[name[len("train/"):]] = store_model_source(store.uri, man)
+    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(_score)
+    refs = {m: task.remote(src, max_len, [r["prompt"] for r in rows], [r["completion"] for r in rows])
+            for m, src in sources.items()}
     return {m: [math.exp(x) for seq in ray.get(ref) for x in seq] for m, ref in refs.items()}
 
 
-def _score(model_path, max_len, prompts, completions):
+def _score(model_source, max_len, prompts, completions):
     from actors.reference import ReferenceScorer
 
-    return [s or [] for s in ReferenceScorer(model_path, max_len, ["completion"]).score(prompts, completions)]
+    return [s or [] for s in ReferenceScorer(model_source, max_len, ["completion"]).score(prompts, completions)]
 
 
-def write_report(store, work_dir: str, cfg, log=print) -> tuple[list[str], dict]:
-    data = collect(store, cfg)
+def write_report(store, work_dir: str, manifests: dict, c, base_source, log=print,
+                 excluded: list[str] = (), stable_copy: bool = True) -> tuple[list[str], dict]:
+    """report.md / report.json / plots from the given stage manifests (with stable_copy,
+    also in report/ beside the stage's manifest, a stable place to look); `c` is the report
+    stage's config view (models, benchmarks, eval.n, train.max_len, train.use_gpu);
+    `excluded` names eval stages left out because they do not match the configuration."""
+    models, benches = list(c.report.models), list(c.report.benchmarks)
+    data = collect(store, manifests, models, benches, c.eval.n)
+    data["excluded"] = sorted(excluded)
     try:
-        probs = token_probabilities(store, cfg, log)
+        probs = token_probabilities(store, manifests, benches[0], base_source, c.train.max_len, c.train.use_gpu, log)
     except Exception as e:  # the histogram is an analysis extra; a failure must not lose the report
         log(f"  token-probability histogram skipped: {type(e).__name__}: {e}")
         probs = {}
@@ -239,21 +250,15 @@ def write_report(store, work_dir: str, cfg, log=print) -> tuple[list[str], dict]
     }
     out = []
     for name, blob in files.items():
-        store.write_bytes(f"{work_dir}/{name}", blob)
-        store.write_bytes(f"report/{name}", blob)  # stable location next to the manifest
-        out.append(f"{work_dir}/{name}")
-    log(f"  report: {store.full_uri('report', 'report.md')}")
+        for where in (work_dir, "report") if stable_copy else (work_dir,):
+            store.write_bytes(f"{where}/{name}", blob)
+            out.append(f"{where}/{name}")
+    log(f"  report: {store.full_uri('report' if stable_copy else work_dir, 'report.md')}")
     return out, {"models": len(data["eval"]), "benchmarks": len(data["benchmarks"])}
 
 
-def rebuild_report(run_dir: str, log=print) -> str:
-    """`verifine report RUN_DIR`: rebuild from stored results (no sampling, no training)."""
-    from pipeline.cli import load_run_config
-    from pipeline.ray_session import connect
-    from actors.store import RunStore
+def run_report(ctx):
+    from pipeline.external import base_model_source
 
-    store = RunStore(run_dir, create=False)
-    cfg = load_run_config(store)
-    connect(cfg.ray.address, cfg.ray.num_cpus, log=log)
-    write_report(store, "report/rebuilt", cfg, log)
-    return store.full_uri("report", "report.md")
+    base = base_model_source(ctx.stage.external["base_model"], ctx.store, ctx.log)
+    return write_report(ctx.store, ctx.work_dir, ctx.upstream, ctx.cfg, base, ctx.log)

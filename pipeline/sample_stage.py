@@ -10,7 +10,10 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from actors.sampler import EngineSpec, VLLMSampler
-from actors.prompt_templates import render_prompt
+from pipeline.external import base_model_source
+from pipeline.runner import kill_point
+
+VERSION = 2
 
 SAMPLE_SCHEMA = pa.schema([("prompt_id", pa.string()), ("sample_idx", pa.int32()), ("prompt", pa.string()),
                            ("completion", pa.string()), ("finish_reason", pa.string()), ("num_tokens", pa.int32())])
@@ -24,14 +27,25 @@ def block_path(work_dir: str, block_id: int) -> str:
     return f"{work_dir}/block-{block_id:05d}.parquet"
 
 
-def sample_blocks(store, work_dir: str, problems: list[dict], model_path: str, template: str,
-                  spec: EngineSpec, num_engines: int, gpus_per_engine: int, block_size: int,
-                  log=print) -> tuple[list[str], dict]:
-    """Sample every problem (rows with prompt_id, problem) into block files under
-    work_dir; blocks already present are kept. Returns (block files, stats)."""
-    files, stats = sample_jobs(store, [SampleJob(work_dir, problems, template)], model_path, spec, num_engines,
-                               gpus_per_engine, block_size, log)
+def run_sample(ctx):
+    """Sample every prompt into block files under the work dir; blocks already present
+    (a killed run) are kept."""
+    c = ctx.cfg
+    problems = ctx.store.read_rows(ctx.input_file("prompts", "prompts.parquet"))
+    model = base_model_source(ctx.stage.external["base_model"], ctx.store, ctx.log)
+    spec = engine_spec(model, c.sample, c.model.dtype, c.run.seed, n=c.sample.n,
+                       temperature=c.sample.temperature, top_p=c.sample.top_p, max_tokens=c.sample.max_tokens)
+    files, stats = sample_jobs(ctx.store, [SampleJob(ctx.work_dir, problems, c.sample.template)], spec,
+                               c.sample.num_engines, c.sample.gpus_per_engine, c.sample.block_size, ctx.log,
+                               after_block=lambda: kill_point(f"{ctx.stage.name}:block"))
     return files[0], stats
+
+
+def engine_spec(model_source, sample, dtype: str, seed: int, **sampling) -> EngineSpec:
+    """An engine for `model_source` with the sample section's engine settings."""
+    return EngineSpec(model=model_source, seed=seed, tensor_parallel=max(1, sample.gpus_per_engine),
+                      gpu_memory_utilization=sample.gpu_memory_utilization, max_model_len=sample.max_model_len,
+                      dtype=dtype, **sampling)
 
 
 @dataclass
@@ -41,16 +55,13 @@ class SampleJob:
     template: str          # prompt template name
 
 
-def sample_jobs(store, jobs: list[SampleJob], model_path: str, spec: EngineSpec, num_engines: int,
-                gpus_per_engine: int, block_size: int, log=print) -> tuple[list[list[str]], dict]:
+def sample_jobs(store, jobs: list[SampleJob], spec: EngineSpec, num_engines: int, gpus_per_engine: int,
+                block_size: int, log=print, after_block=lambda: None) -> tuple[list[list[str]], dict]:
     """Sample several prompt sets with the same model through one pool of engines (so
     e.g. all benchmarks of a model pay for one engine start-up). Returns each job's
     block files and the stats of this call."""
     import ray
 
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
     blocks = {(j, b): job.problems[i:i + block_size]
               for j, job in enumerate(jobs) for b, i in enumerate(range(0, len(job.problems), block_size))}
     todo = [key for key in blocks if not store.exists(block_path(jobs[key[0]].work_dir, key[1]))]
@@ -61,7 +72,7 @@ def sample_jobs(store, jobs: list[SampleJob], model_path: str, spec: EngineSpec,
     if todo:
         items = [{"block_id": k,
                   "prompt_ids": [p["prompt_id"] for p in blocks[j, b]],
-                  "prompts": [render_prompt(tokenizer, jobs[j].template, p["problem"]) for p in blocks[j, b]]}
+                  "problems": [p["problem"] for p in blocks[j, b]], "template": jobs[j].template}
                  for k, (j, b) in enumerate(todo)]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         # One block per batch: an actor's output for a block arrives complete.
@@ -84,6 +95,7 @@ def sample_jobs(store, jobs: list[SampleJob], model_path: str, spec: EngineSpec,
                 elapsed = time.time() - start
                 log(f"  block {b}{f' of set {j}' if len(jobs) > 1 else ''}: {len(rows)} samples; "
                     f"{done}/{len(todo)} blocks, {out_tokens / max(elapsed, 1e-9):.0f} output tok/s")
+                after_block()
                 if TEST_BLOCK_DELAY_S:
                     time.sleep(TEST_BLOCK_DELAY_S)
         if pending:

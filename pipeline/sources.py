@@ -31,13 +31,18 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, fields
+import typing
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Annotated, Any, Iterable, Literal, Mapping, Optional
+
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, ValidationError,
+                      model_validator)
 
 __all__ = [
     "ANSWER_FROM",
     "DEFAULT_TEMPLATE",
+    "FieldProblem",
+    "Problem",
     "SourceError",
     "SourceSpec",
     "default_registry_path",
@@ -45,9 +50,11 @@ __all__ = [
     "load_benchmark_registry",
     "load_problems",
     "prompt_id_for",
+    "validation_problems",
 ]
 
-ANSWER_FROM = ("field", "boxed_solution", "gsm8k")
+AnswerFrom = Literal["field", "boxed_solution", "gsm8k"]
+ANSWER_FROM = typing.get_args(AnswerFrom)
 DEFAULT_TEMPLATE = "qwen-boxed"
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -58,49 +65,35 @@ class SourceError(ValueError):
 
 # --------------------------------------------------------------------------- spec
 
-_STR_KEYS = ("name", "path", "split", "problem_field", "solution_field")
-_OPT_STR_KEYS = ("subset", "answer_field")
+class FieldProblem(ValueError):
+    """Raised inside a model validator to blame a key below the model being validated
+    (e.g. ``answer_field`` of a SourceSpec, ``train.data.dpo`` of a Config), so the error
+    message names that key rather than the whole model."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
 
 
-def _check_values(values: Mapping[str, Any], where: str) -> None:
-    """Type/value checks shared by ``SourceSpec.from_dict`` and ``__post_init__``."""
-    for key in _STR_KEYS:
-        if key in values:
-            v = values[key]
-            if not isinstance(v, str) or not v.strip():
-                raise SourceError(
-                    f"{where}.{key}: expected a non-empty string, got {_show(v)}")
-    for key in _OPT_STR_KEYS:
-        if key in values:
-            v = values[key]
-            if v is not None and (not isinstance(v, str) or not v.strip()):
-                raise SourceError(
-                    f"{where}.{key}: expected a non-empty string or null, got {_show(v)}")
-    if "answer_from" in values and values["answer_from"] not in ANSWER_FROM:
-        raise SourceError(
-            f"{where}.answer_from: expected one of {list(ANSWER_FROM)}, "
-            f"got {_show(values['answer_from'])}")
-    if "limit" in values:
-        v = values["limit"]
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise SourceError(
-                f"{where}.limit: expected a positive integer or null, got {_show(v)}")
-    if values.get("answer_from", "field") in ("field", "gsm8k") \
-            and "answer_field" in values and values["answer_field"] is None:
-        raise SourceError(
-            f"{where}.answer_field: required when answer_from is "
-            f"{values.get('answer_from', 'field')!r}")
+def _brief(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _show(v: Any) -> str:
-    text = repr(v)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{type(v).__name__} {text}"
+    return f"{type(v).__name__} {_brief(v)}"
 
 
-@dataclass(frozen=True)
-class SourceSpec:
+def _non_empty_str(v: Any) -> Any:
+    if not isinstance(v, str) or not v.strip():
+        raise ValueError(f"expected a non-empty string, got {_show(v)}")
+    return v
+
+
+NonEmptyStr = Annotated[str, BeforeValidator(_non_empty_str)]
+
+
+class SourceSpec(BaseModel):
     """Where a set of problems lives and how its columns map to problem/gold.
 
     name           label of the source; goes into every row's ``source`` and
@@ -116,23 +109,27 @@ class SourceSpec:
     limit          keep only the first N usable rows (file order).
     """
 
-    name: str
-    path: str
-    split: str = "test"
-    subset: str | None = None
-    problem_field: str = "problem"
-    answer_field: str | None = "answer"
-    answer_from: str = "field"
-    solution_field: str = "solution"
-    limit: int | None = None
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    def __post_init__(self) -> None:
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        _check_values(values, f"source {self.name!r}")
+    name: NonEmptyStr
+    path: NonEmptyStr
+    split: NonEmptyStr = "test"
+    subset: Optional[NonEmptyStr] = None
+    problem_field: NonEmptyStr = "problem"
+    answer_field: Optional[NonEmptyStr] = "answer"
+    answer_from: AnswerFrom = "field"
+    solution_field: NonEmptyStr = "solution"
+    limit: Optional[StrictInt] = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _answer_field_needed(self) -> "SourceSpec":
+        if self.answer_from != "boxed_solution" and self.answer_field is None:
+            raise FieldProblem("answer_field", f"required when answer_from is {self.answer_from!r}")
+        return self
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
+        return tuple(cls.model_fields)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str) -> "SourceSpec":
@@ -140,24 +137,105 @@ class SourceSpec:
         messages (e.g. ``"configs/benchmarks.yaml: math500.source"``)."""
         if not isinstance(d, Mapping):
             raise SourceError(f"{where}: expected a mapping of source fields, got {_show(d)}")
-        allowed = cls.field_names()
-        unknown = [k for k in d if k not in allowed]
-        if unknown:
-            raise SourceError(
-                f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(allowed)})")
-        for required in ("name", "path"):
-            if required not in d:
-                raise SourceError(f"{where}: missing required key {required!r}")
-        _check_values(d, where)
-        return cls(**dict(d))
+        try:
+            return cls.model_validate(dict(d))
+        except ValidationError as e:
+            lines = [f"{where}: {p.message}" if p.key_in_message else f"{where}.{p.key}: {p.message}"
+                     for p in validation_problems(e, cls)]
+            raise SourceError("\n".join(lines)) from None
 
     @property
     def answer_column(self) -> str:
         """The column the gold answer is derived from."""
         if self.answer_from == "boxed_solution":
             return self.solution_field
-        assert self.answer_field is not None  # enforced in __post_init__
+        assert self.answer_field is not None  # enforced by the validator
         return self.answer_field
+
+
+# ------------------------------------------------------- validation error messages
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model class inside an annotation (``Optional[M]``, ``Annotated[M, ...]``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    for part in loc:
+        field_info = model.model_fields.get(part) if isinstance(part, str) else None
+        if field_info is None:
+            return None
+        model = _model_in(field_info.annotation)
+        if model is None:
+            return None
+    return model
+
+
+def _explain(err: dict) -> str:
+    """One pydantic error as a short sentence (no pydantic wording, no URL)."""
+    kind, ctx, got = err["type"], err.get("ctx") or {}, _brief(err.get("input"))
+    bounds = {"greater_than": (">", "gt"), "greater_than_equal": (">=", "ge"),
+              "less_than": ("<", "lt"), "less_than_equal": ("<=", "le")}
+    if kind in bounds:
+        op, name = bounds[kind]
+        bound = ctx.get(name)
+        if isinstance(bound, float) and bound.is_integer():
+            bound = int(bound)
+        return f"must be {op} {bound}, got {got}"
+    if kind in ("value_error", "assertion_error") and "error" in ctx:
+        return str(ctx["error"])
+    if kind == "literal_error":
+        return f"expected one of {ctx.get('expected')}, got {got}"
+    if kind in ("too_short", "string_too_short"):
+        n = ctx.get("min_length", 1)
+        return "must not be empty" if n == 1 else f"needs at least {n} items, got {got}"
+    expected = {
+        "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+        "float_type": "a number", "float_parsing": "a number", "finite_number": "a finite number",
+        "string_type": "a string", "bool_type": "true or false", "bool_parsing": "true or false",
+        "list_type": "a list", "tuple_type": "a list", "dict_type": "a mapping",
+        "model_type": "a mapping of keys", "model_attributes_type": "a mapping of keys",
+    }.get(kind)
+    if expected:
+        return f"expected {expected}, got {got}"
+    return f"{err['msg']}, got {got}"
+
+
+class Problem(typing.NamedTuple):
+    """One validation error: the dotted key it is about and a short message. When
+    ``key_in_message`` is true the message already quotes the key (unknown / missing
+    keys), so callers print ``<where>: <message>``; else ``<where>: <key>: <message>``."""
+
+    key: str
+    message: str
+    key_in_message: bool = False
+
+
+def validation_problems(exc: ValidationError, model: type[BaseModel]) -> list[Problem]:
+    """A pydantic ValidationError raised while validating ``model`` as Problems,
+    keys relative to ``model``."""
+    out = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        error = (err.get("ctx") or {}).get("error")
+        if isinstance(error, FieldProblem):
+            loc += tuple(error.key.split("."))
+        dotted = ".".join(str(p) for p in loc)
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(model, loc[:-1])
+            known = f" (known: {', '.join(parent.model_fields)})" if parent is not None else ""
+            out.append(Problem(dotted, f"unknown key {dotted!r}{known}", True))
+        elif err["type"] == "missing":
+            out.append(Problem(dotted, f"missing required key {dotted!r}", True))
+        else:
+            out.append(Problem(dotted, _explain(err)))
+    return out
 
 
 # ------------------------------------------------------------------ answer parsing

@@ -4,8 +4,13 @@ Checkpoints every K steps; a dead worker restarts from the last one (FailureConf
 re-running the stage after the driver died resumes from the same storage."""
 from __future__ import annotations
 
+import json
+
 from actors.objectives import OBJECTIVE_SPECS
 from actors.train_loop import train_loop
+from pipeline.external import base_model_source
+
+VERSION = 1
 
 
 def data_kind(objective: str, overrides: dict | None) -> str:
@@ -33,20 +38,56 @@ def lr_and_batch(train_cfg, objective: str) -> tuple[float, int]:
     return train_cfg.lr, train_cfg.batch_size
 
 
-def loop_config(cfg, objective: str, store, data_file: str, kind: str, reference_file: str | None,
-                model_path: str, export_dir: str) -> dict:
-    t = cfg.train
-    lr, batch = lr_and_batch(t, objective)
+def loop_config(c, store, data_file: str, reference_file: str | None, model_path: str, export_dir: str) -> dict:
+    """The per-worker loop's settings, from the stage's config view `c`."""
+    t = c.train
     return {
-        "objective": objective, "data": kind, "data_file": data_file, "reference_file": reference_file,
+        "objective": c.objective, "data": c.data, "data_file": data_file, "reference_file": reference_file,
         "store_uri": store.uri, "model_path": model_path, "export_dir": export_dir,
-        "template": cfg.sample.template, "seed": cfg.run.seed, "lr": lr, "batch_size": batch,
-        "micro_batch_tokens": t.micro_batch_tokens, "epochs": t.epochs, "max_len": t.max_len,
-        "warmup_ratio": t.warmup_ratio, "weight_decay": t.weight_decay, "grad_clip": t.grad_clip,
-        "beta": t.beta, "zero_stage": t.zero_stage, "precision": t.precision, "optimizer": t.optimizer,
-        "checkpoint_every": t.checkpoint_every, "use_gpu": t.use_gpu,
-        "logprob_chunk_tokens": t.logprob_chunk_tokens,
+        "template": c.sample.template if c.data == "gold" else None, "seed": c.run.seed, "lr": t.lr,
+        "batch_size": t.batch_size, "micro_batch_tokens": t.micro_batch_tokens, "epochs": t.epochs,
+        "max_len": t.max_len, "warmup_ratio": t.warmup_ratio, "weight_decay": t.weight_decay,
+        "grad_clip": t.grad_clip, "beta": t.beta, "zero_stage": t.zero_stage, "precision": t.precision,
+        "optimizer": t.optimizer, "checkpoint_every": t.checkpoint_every, "report_every": t.report_every,
+        "use_gpu": t.use_gpu, "logprob_chunk_tokens": t.logprob_chunk_tokens,
+        "gradient_checkpointing": t.gradient_checkpointing,
     }
+
+
+def run_train(ctx):
+    c = ctx.cfg
+    if c.data == "gold":
+        data_file, stats = ctx.input_file("prompts", "prompts.parquet"), None
+    else:
+        data_file, stats = ctx.input_file("verify", f"{c.data}.parquet"), ctx.upstream["verify"].get("stats")
+    rows = check_not_empty(ctx.store, data_file, c.data, stats)
+    ref_file = ctx.input_file("reference", f"{c.data}.parquet") if "reference" in ctx.stage.inputs else None
+    export_dir = f"{ctx.work_dir}/model"
+    from actors.model_source import local_model_path
+
+    model = local_model_path(base_model_source(ctx.stage.external["base_model"], ctx.store, ctx.log))
+    loop_cfg = loop_config(c, ctx.store, data_file, ref_file, model, export_dir)
+    loop_cfg["metrics_file"] = f"{ctx.work_dir}/metrics.jsonl"
+    loop_cfg.update(test_hooks())
+    ctx.log(f"  training {c.objective} on {rows} {c.data} rows with {c.train.num_workers} workers")
+    run_with_ray_train(loop_cfg, c.train.num_workers, c.train.use_gpu, ctx.store.full_uri(ctx.work_dir, "ray"),
+                       c.train.max_failures, ctx.log)
+    files = (ctx.store.list_files(export_dir) + [loop_cfg["metrics_file"]]
+             + ctx.store.list_files(f"{ctx.work_dir}/tensorboard"))
+    history = [l for l in ctx.store.read_bytes(loop_cfg["metrics_file"]).decode().splitlines() if l]
+    last = json.loads(history[-1]) if history else {}
+    return files, {"steps": len(history), "final": last, "rows": rows}
+
+
+def test_hooks() -> dict:
+    """Fault injection for tests (VERIFINE_KILL_WORKER_AT=step:rank:marker); never set by users."""
+    import os
+
+    spec = os.environ.get("VERIFINE_KILL_WORKER_AT")
+    if not spec:
+        return {}
+    step, rank, marker = spec.split(":", 2)
+    return {"kill_worker_at": {"step": int(step), "rank": int(rank), "marker": marker}}
 
 
 def run_with_ray_train(loop_cfg: dict, num_workers: int, use_gpu: bool, storage_uri: str, max_failures: int,

@@ -11,6 +11,8 @@ from collections import defaultdict
 
 from actors.verifier import VERDICTS, verify_with_ray
 
+VERSION = 1
+
 # Only a confident "wrong" is a rejected answer; timeouts/errors say nothing about quality.
 REJECTABLE = ("incorrect", "no_answer")
 
@@ -74,6 +76,13 @@ def verify_stats(judged: list[dict], positives: list[dict], pairs: list[dict], n
         "positives": len(positives), "pairs": len(pairs),
         "seconds": round(seconds, 2), "verifications_per_s": round(len(judged) / max(seconds, 1e-9), 1),
     }
+
+
+def run_verify_stage(ctx):
+    prompts = ctx.store.read_rows(ctx.input_file("prompts", "prompts.parquet"))
+    samples = ctx.store.read_rows(*ctx.input_files("sample"))
+    golds = {p["prompt_id"]: p["gold"] for p in prompts}
+    return run_verify(ctx.store, ctx.work_dir, samples, golds, ctx.cfg.sample.n, ctx.cfg.verify, ctx.log)
 
 
 def run_verify(store, work_dir: str, samples: list[dict], golds: dict[str, str], n: int, cfg, log=print):

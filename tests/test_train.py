@@ -120,6 +120,83 @@ def test_killed_worker_resumes_from_last_checkpoint(toy_model, ray_local, tmp_pa
     assert (tmp_path / "model" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("report_every,expected", [(0, [5, 10, 12]), (4, [4, 5, 8, 10, 12])])
+def test_ray_train_report_only_at_checkpoints_or_report_every(toy_model, ray_local, tmp_path, monkeypatch,
+                                                                report_every, expected):
+    """Every `ray.train.report` waits until Ray Train's controller has taken the previous
+    one (it polls every couple of seconds), so the loop reports at checkpoints and every
+    `report_every` steps only, never per step. Counted where Ray Train receives them (a
+    controller callback added to the pipeline's own TorchTrainer run), while the metrics
+    file in the run store still gets one line per step."""
+    import ray.train
+    import ray.train.torch
+
+    from pipeline.train_stage import run_with_ray_train
+
+    class CountReports(ray.train.UserCallback):  # defined here: shipped by value to the controller
+        def __init__(self, path: str):
+            self.path = path
+
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"steps": [m.get("step") for m in metrics],
+                                    "checkpoint": checkpoint is not None}) + "\n")
+
+    reports_log = tmp_path / "reports.jsonl"
+    real_trainer = ray.train.torch.TorchTrainer
+
+    def trainer_counting_reports(*args, run_config, **kw):
+        run_config.callbacks = [*(run_config.callbacks or []), CountReports(str(reports_log))]
+        return real_trainer(*args, run_config=run_config, **kw)
+
+    # (not ray.train.RunConfig: its instances must stay picklable by reference)
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", trainer_counting_reports)
+    store = RunStore(str(tmp_path))
+    data = write_positives(store, toy_model, count=24)  # batch 2, 1 epoch: 12 steps
+    cfg = loop_cfg(store, toy_model, data, "model", batch_size=2, checkpoint_every=5, report_every=report_every,
+                   metrics_write_interval_s=0.5)
+    run_with_ray_train(cfg, 2, False, str(tmp_path / "ray"), 0)
+    reports = [json.loads(l) for l in reports_log.read_text().splitlines()]
+    assert [r["steps"] for r in reports] == [[s, s] for s in expected], reports  # both workers, same steps
+    assert [r["checkpoint"] for r in reports] == [s % 5 == 0 or s == 12 for s in expected], reports
+    metrics = [json.loads(l) for l in (tmp_path / "model.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 13))
+    assert all(m["tokens"] > 0 and m["elapsed_s"] > 0 for m in metrics)
+
+
+def test_metrics_log_writes_in_background_and_on_demand(tmp_path):
+    """Rank 0's metrics file follows the history from a background thread (the step never
+    waits on the store), is brought up to date synchronously on write()/close(), and is
+    never written by other ranks."""
+    import time
+
+    from actors.train_loop import MetricsLog
+
+    store = RunStore(str(tmp_path))
+    cfg = {"store_uri": store.uri, "metrics_file": "train/metrics.jsonl", "metrics_write_interval_s": 0.05}
+    path = tmp_path / "train" / "metrics.jsonl"
+    history = [{"step": 1}]  # as restored from a checkpoint
+    log = MetricsLog(cfg, history, enabled=True)
+    log.append({"step": 2})
+    deadline = time.time() + 30
+    while time.time() < deadline and not (path.exists() and len(path.read_text().splitlines()) == 2):
+        time.sleep(0.02)
+    assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2]
+    log._stop.set()  # no more background writes: what follows must be synchronous
+    log._thread.join()
+    log.append({"step": 3})
+    log.write()
+    assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2, 3]
+    log.append({"step": 4})
+    log.close()
+    assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2, 3, 4]
+    assert not [f for f in path.parent.iterdir() if f.name != "metrics.jsonl"], "a temporary file was left"
+    other = MetricsLog({**cfg, "metrics_file": "train/other.jsonl"}, [{"step": 1}], enabled=False)
+    other.close()
+    assert not (tmp_path / "train" / "other.jsonl").exists()
+
+
 def test_empty_training_set_is_refused_with_reason(tmp_path):
     from pipeline.train_stage import check_not_empty
 
@@ -185,7 +262,10 @@ def test_rerun_after_driver_death_resumes(toy_model, ray_local, tmp_path):
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (tmp_path / "model.jsonl").exists(), "training finished before the driver was killed"
+    assert not (tmp_path / "model" / "model.safetensors").exists(), "training finished before the driver was killed"
+    # the run store showed progress while it ran: at least the steps of the registered checkpoint
+    partial = [json.loads(l)["step"] for l in (tmp_path / "model.jsonl").read_text().splitlines()]
+    assert len(partial) >= 2 and partial == list(range(1, len(partial) + 1)), partial
     cfg["step_sleep_s"] = 0
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     out = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -8,9 +8,9 @@ All three arms sample the same toy-train prompts (chat template) from the cached
 base model with the same n / temperature / top_p / max_tokens; each arm runs in its own
 child process, one after the other, so they never compete for the cores.
 
-- stage: `pipeline.sample_stage.sample_blocks` (Ray Data -> one `VLLMSampler` actor),
+- stage: `pipeline.sample_stage.sample_jobs` (Ray Data -> one `VLLMSampler` actor),
   on a local Ray started with 2 CPUs. Start-up is excluded with the per-block
-  `seconds` the actor measures around its `generate` calls: `sample_blocks` drops that
+  `seconds` the actor measures around its `generate` calls: `sample_jobs` drops that
   column, so the script swaps in a `VLLMSampler` subclass that only also writes each
   block's generate start/end (wall clock) to a file. The generation figure is all
   output tokens / (the actor's first generate start -> the last block written at the
@@ -108,8 +108,9 @@ def arm_stage(args) -> dict:
         sample_stage.VLLMSampler = timed_sampler_class(record)
         store = RunStore(tmp)
         t1 = time.time()
-        files, stats = sample_stage.sample_blocks(store, "s", problems, model, "chat", spec, 1, 0, args.block_size,
-                                                  log=log)
+        files, stats = sample_stage.sample_jobs(store, [sample_stage.SampleJob("s", problems, "chat")], spec, 1, 0,
+                                                args.block_size, log=log)
+        files = files[0]
         wall = time.time() - t1
         block_tokens = {b: sum(r["num_tokens"] for r in store.read_rows(f)) for b, f in enumerate(files)}
         actor = [json.loads(line) for line in open(record)]

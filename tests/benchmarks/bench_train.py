@@ -1,18 +1,26 @@
-"""Training throughput and peak memory: verifine's train loop vs TRL's SFTTrainer (DFT).
+"""Training throughput: the train stage as the pipeline runs it (Ray Train), the same loop
+in one process, and TRL's SFTTrainer (DFT), on the same data.
 
     python tests/benchmarks/bench_train.py [--examples 512] [--batch-size 64] [--steps 24]
-                                           [--max-len 256] [--skip 3] [--repeat 3] [--torch-threads 0]
-                                           [--trl-path /tmp/trl_pkgs]
+                                           [--max-len 256] [--skip 3] [--repeat 2] [--torch-threads 0]
+                                           [--arms ray_train,single,trl] [--trl-path /tmp/trl_pkgs]
 
-Both arms train the cached toy base model with the DFT objective on the same data (toy
-train prompts in the chat template + `toy_task.solution_text`, EOS appended, loss on
-the completion only), with the same batch size, max length, number of optimizer steps,
-AdamW (betas 0.9/0.95), lr, warm-up + cosine, clip 1.0, fp32 on CPU, no gradient
-checkpointing. Each arm runs in its own child process, one after the other:
+Every arm trains the cached toy base model with the DFT objective on the same rows (toy
+train prompts in the chat template + `toy_task.solution_text`, EOS appended, loss on the
+completion only), with the same batch size, max length, number of optimizer steps,
+AdamW (betas 0.9/0.95), lr, warm-up + cosine, clip 1.0, fp32 on CPU. Each arm runs in its
+own child process, one after the other, alternating over --repeat rounds:
 
-- verifine: `actors.train_loop.train_loop(cfg)` in a single process (DeepSpeed ZeRO-2,
-  gloo), one micro-batch per step by default (--micro-batch-tokens batch*max_len), like
-  TRL's single forward per step. Step times come from its metrics history.
+- ray_train: the stage as `verifine run` runs it. The loop config comes from
+  `pipeline.train_stage.loop_config` on configs/toy.yaml (micro-batch token budget,
+  checkpoint_every, num_workers=2, ZeRO-2 ... as configured there; only batch size, lr,
+  max_len and epochs are set from the arguments), Ray is started by
+  `pipeline.ray_session.connect` and the stage runs through
+  `pipeline.train_stage.run_with_ray_train` (TorchTrainer, gloo), with checkpoints into a
+  fresh storage path per run. Step times come from the per-step metrics file the loop
+  writes to the run store (rank 0's elapsed_s / tokens).
+- single: `actors.train_loop.train_loop` on the same loop config in one process
+  (DeepSpeed ZeRO-2, world size 1, no checkpoints), its history's step times.
 - trl: `trl.SFTTrainer` with `SFTConfig(loss_type="dft")` (plain `nll` SFT, with a note,
   if the installed TRL has no DFT), gradient_accumulation_steps=1. Step times from a
   TrainerCallback; token counts from the batches it trains on.
@@ -24,14 +32,18 @@ the venv already). The arm is skipped with a message when TRL cannot be imported
 
 Printed per arm: steady-state tokens/s (all non-pad tokens, and response tokens) over
 steps --skip+1..N, i.e. after the first steps' one-off costs, and the median over those
-steps of each step's own tokens/s (robust to a burst of outside load); total child wall time;
-peak RSS of the child process (os.wait4's rusage, i.e. getrusage of that child and
-its own children), and the arm process's own peak (getrusage SELF). They differ when
-DeepSpeed JIT-builds its CPU shared-memory comm op in a child compiler (~1.5 GB RSS,
-tens of seconds): it is cached in TORCH_EXTENSIONS_DIR (~/.cache/torch_extensions),
-but two venvs at different paths sharing that cache rebuild it alternately; point
-TORCH_EXTENSIONS_DIR at a private dir to keep such builds out of repeated runs.
-Ratio verifine/TRL: target >= 1.0.
+steps of each step's own tokens/s (robust to a burst of outside load); the start-up:
+wall time of the train call (TorchTrainer.fit() for ray_train) minus the loop's own time
+(so it holds worker start-up, model load, DeepSpeed init, restore, export); peak RSS of
+the child process (os.wait4's rusage, i.e. getrusage of that child and its own children;
+for ray_train the Ray workers are not its children and are not counted), and the arm
+process's own peak (getrusage SELF). DeepSpeed JIT-builds a CPU shared-memory comm op on
+first use (~1.5 GB RSS, tens of seconds), cached in TORCH_EXTENSIONS_DIR
+(~/.cache/torch_extensions); two venvs at different paths sharing that cache rebuild it
+alternately: point TORCH_EXTENSIONS_DIR at a private dir to keep builds out of the runs.
+Ratios: ray_train / single tokens/s, target >= 0.9 (what Ray Train costs per step);
+ray_train / TRL and single / TRL tokens/s, target >= 1.2. The load average is printed
+with every run: on a shared machine the figures move with it.
 """
 from __future__ import annotations
 
@@ -90,40 +102,86 @@ def write_data(data_dir: Path, examples: int, model: str) -> None:
 
 
 # ----------------------------------------------------------------------------- arms
-def arm_verifine(args, model: str) -> dict:
-    import torch
-
-    from actors.sequences import step_schedule
-    from actors.train_loop import load_units, train_loop
+def pipeline_config(args, model: str, data_dir: str, export: str):
+    """(pipeline Config, train stage's config view, loop config) exactly as `verifine run`
+    builds them for the DFT stage of configs/toy.yaml, with the benchmark's batch size, lr,
+    max length and steps (and token budgets when given) as config overrides."""
     from actors.store import RunStore
+    from pipeline.config import load_config
+    from pipeline.plan import build_stages
+    from pipeline.runner import ConfigView
+    from pipeline.train_stage import loop_config
+
+    overrides = [f"train.batch_size={args.batch_size}", f"train.lr={args.lr}", f"train.max_len={args.max_len}",
+                 f"train.epochs={args.steps * args.batch_size / args.examples}"]
+    if args.micro_batch_tokens:
+        overrides.append(f"train.micro_batch_tokens={args.micro_batch_tokens}")
+    if args.logprob_chunk_tokens:
+        overrides.append(f"train.logprob_chunk_tokens={args.logprob_chunk_tokens}")
+    cfg = load_config(None, overrides)
+    stage = {s.name: s for s in build_stages(cfg)}["train/dft"]
+    view = ConfigView(stage.config, stage.name)
+    loop_cfg = loop_config(view, RunStore(data_dir), "positives.parquet", None, model, f"out/{export}/model")
+    loop_cfg["metrics_file"] = f"out/{export}/metrics.jsonl"  # as the stage sets it
+    return cfg, view, loop_cfg
+
+
+def loop_figures(args, model: str, loop_cfg: dict, history: list[dict], call_s: float) -> dict:
+    """Throughput from the loop's per-step metrics (elapsed_s since the loop started)."""
+    import torch
     from transformers import AutoTokenizer
 
-    store = RunStore(args.data_dir)
-    cfg = {"objective": "dft", "data": "positives", "data_file": "positives.parquet", "reference_file": None,
-           "store_uri": store.uri, "model_path": model, "export_dir": "out/verifine",
-           "metrics_file": "out/verifine.jsonl", "template": "chat", "seed": 0, "lr": args.lr,
-           "batch_size": args.batch_size, "micro_batch_tokens": args.micro_batch_tokens or args.batch_size * args.max_len,
-           "epochs": args.steps * args.batch_size / args.examples, "max_len": args.max_len,
-           "warmup_ratio": 0.1, "weight_decay": 0.0, "grad_clip": 1.0, "beta": 0.1, "zero_stage": 2,
-           "precision": "fp32", "optimizer": "adamw", "checkpoint_every": 10 ** 9, "use_gpu": False,
-           "logprob_chunk_tokens": args.logprob_chunk_tokens}
-    t0 = time.perf_counter()
-    out = train_loop(cfg)
-    wall = time.perf_counter() - t0
-    history = out["history"]
+    from actors.sequences import step_schedule
+    from actors.train_loop import load_units
+
     # all non-pad tokens per step, from the loop's own (deterministic) schedule
-    units = load_units(cfg, AutoTokenizer.from_pretrained(model))
-    schedule = step_schedule(len(units), cfg["batch_size"], cfg["epochs"], cfg["seed"])
+    units = load_units(loop_cfg, AutoTokenizer.from_pretrained(model))
+    schedule = step_schedule(len(units), loop_cfg["batch_size"], loop_cfg["epochs"], loop_cfg["seed"])
     all_tokens = [sum(len(units[i]["ex"]["ids"]) for i in step) for step in schedule]
+    assert [m["step"] for m in history] == list(range(1, len(schedule) + 1)), "incomplete metrics history"
     times = [m["elapsed_s"] for m in history]
     resp = [int(m["tokens"]) for m in history]
-    return {"steps": len(history), "train_call_s": wall, "loop_s": times[-1],
+    steps = [b - a for a, b in zip([0.0] + times, times)]
+    return {"steps": len(history), "train_call_s": call_s, "loop_s": times[-1], "startup_s": call_s - times[-1],
             "tok_s": steady(times, all_tokens, args.skip), "resp_tok_s": steady(times, resp, args.skip),
             "median_step_tok_s": median_step_rate(times, all_tokens, args.skip),
-            "step_s": [round(b - a, 3) for a, b in zip([0.0] + times, times)],
+            "median_step_s": median(steps[args.skip:]), "step_s": [round(x, 3) for x in steps],
             "micro_batches": history[-1]["micro_batches_max"], "final_loss": history[-1]["loss"],
             "mean_loss": sum(m["loss"] for m in history) / len(history),
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "checkpoint_every": loop_cfg["checkpoint_every"],
+            "micro_batch_tokens": loop_cfg["micro_batch_tokens"]}
+
+
+def arm_single(args, model: str) -> dict:
+    from actors.train_loop import train_loop
+
+    _, _, loop_cfg = pipeline_config(args, model, args.data_dir, "single")
+    t0 = time.perf_counter()
+    out = train_loop(loop_cfg)
+    return loop_figures(args, model, loop_cfg, out["history"], time.perf_counter() - t0)
+
+
+def arm_ray_train(args, model: str) -> dict:
+    import uuid
+
+    from actors.store import RunStore
+    from pipeline.ray_session import connect
+    from pipeline.train_stage import run_with_ray_train
+
+    cfg, view, loop_cfg = pipeline_config(args, model, args.data_dir, "ray_train")
+    t0 = time.perf_counter()
+    connect(cfg.ray.address, cfg.ray.num_cpus, log=lambda *_: None)
+    ray_init_s = time.perf_counter() - t0
+    storage = str(Path(args.data_dir) / f"ray-{uuid.uuid4().hex[:8]}")  # fresh: never resume an earlier run
+    t0 = time.perf_counter()
+    run_with_ray_train(loop_cfg, view.train.num_workers, view.train.use_gpu, storage, view.train.max_failures,
+                       log=lambda *_: None)
+    fit_s = time.perf_counter() - t0
+    text = RunStore(args.data_dir).read_bytes(loop_cfg["metrics_file"]).decode()
+    history = [json.loads(l) for l in text.splitlines() if l]
+    res = loop_figures(args, model, loop_cfg, history, fit_s)
+    res.update(ray_init_s=ray_init_s, num_workers=view.train.num_workers, torch_threads=None)
+    return res
 
 
 def import_trl(path: str):
@@ -139,6 +197,7 @@ def arm_trl(args, model_dir: str) -> dict:
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
+    arm_t0 = time.perf_counter()
     trl = import_trl(args.trl_path)
     from trl import SFTConfig, SFTTrainer
 
@@ -185,16 +244,19 @@ def arm_trl(args, model_dir: str) -> dict:
     wall = time.perf_counter() - t0
     times = [t - t0 for t in times]
     all_tokens, resp = [c[0] for c in counts], [c[1] for c in counts]
-    return {"steps": len(times), "train_call_s": wall, "loop_s": times[-1],
+    call_s = wall + (t0 - arm_t0)  # like the train call of the other arms: model load and set-up included
+    return {"steps": len(times), "train_call_s": call_s, "loop_s": times[-1],
             "tok_s": steady(times, all_tokens, args.skip), "resp_tok_s": steady(times, resp, args.skip),
             "median_step_tok_s": median_step_rate(times, all_tokens, args.skip),
             "step_s": [round(b - a, 3) for a, b in zip([0.0] + times, times)], "final_loss": float(losses[-1]),
+            "median_step_s": median([b - a for a, b in zip([0.0] + times, times)][args.skip:]),
+            "startup_s": call_s - times[-1],
             "mean_loss": result.training_loss,
             "loss_type": loss_type, "note": note, "trl_version": trl.__version__,
             "torch_threads": torch.get_num_threads()}
 
 
-ARMS = {"verifine": arm_verifine, "trl": arm_trl}
+ARMS = {"ray_train": arm_ray_train, "single": arm_single, "trl": arm_trl}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -217,7 +279,11 @@ def run_arm(name: str, args, data_dir: str) -> dict | None:
     text = log.read_text()
     lines = [l for l in text.splitlines() if l.startswith(RESULT)]
     if proc.returncode != 0 or not lines:
-        print(f"[{name}] FAILED (exit {proc.returncode}); last output:\n{text[-3000:]}")
+        kept = Path(tempfile.gettempdir()) / f"bench-train-{name}-failed-{os.getpid()}.log"
+        kept.write_text(text)
+        errors = [l for l in text.splitlines() if "Error" in l or "error:" in l][-8:]
+        print(f"[{name}] FAILED (exit {proc.returncode}); whole log kept in {kept}; error lines:\n"
+              + "\n".join(l[:500] for l in errors) + f"\nlast output:\n{text[-1500:]}")
         return None
     res = json.loads(lines[-1][len(RESULT):])
     res.update(process_wall_s=wall, peak_rss_mib=usage.ru_maxrss / 1024)  # Linux: KiB
@@ -233,15 +299,15 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--skip", type=int, default=3, help="first steps left out of the steady-state figure")
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--micro-batch-tokens", type=int, default=0, help="verifine token budget (0: batch*max_len)")
-    p.add_argument("--logprob-chunk-tokens", type=int, default=2048, help="verifine (project default 2048)")
+    p.add_argument("--micro-batch-tokens", type=int, default=0,
+                   help="verifine token budget per micro-batch (0: configs/toy.yaml's train.micro_batch_tokens)")
+    p.add_argument("--logprob-chunk-tokens", type=int, default=0, help="verifine (0: the config's)")
     p.add_argument("--trl-path", default="/tmp/trl_pkgs", help="directory holding trl + accelerate")
-    p.add_argument("--arms", default="verifine,trl")
-    p.add_argument("--repeat", type=int, default=3, help="runs per arm, alternating; the median run is reported")
+    p.add_argument("--arms", default="ray_train,single,trl")
+    p.add_argument("--repeat", type=int, default=2, help="runs per arm, alternating; the median run is reported")
     p.add_argument("--torch-threads", type=int, default=0,
-                   help="OMP_NUM_THREADS for both arms (0: torch's default, one per core). On a loaded machine "
-                        "1 is far steadier: a multi-threaded step of this tiny model stalls at every barrier "
-                        "when another process holds a core")
+                   help="OMP_NUM_THREADS for every arm (0: unset; torch then uses one thread per core in a plain "
+                        "process, and Ray gives each train worker as many as its CPUs, i.e. 1)")
     p.add_argument("--arm", choices=sorted(ARMS), help=argparse.SUPPRESS)  # internal: run one arm here
     p.add_argument("--data-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -270,49 +336,65 @@ def main() -> None:
                   f"`pip install --target {args.trl_path} --no-deps trl accelerate`, or pass --trl-path")
             arms.remove("trl")
     print(f"{args.examples} examples, batch {args.batch_size}, {args.steps} steps, max_len {args.max_len}, "
-          f"lr {args.lr}, fp32 CPU, steady state after step {args.skip}; {os.cpu_count()} CPUs")
+          f"lr {args.lr}, fp32 CPU, steady state after step {args.skip}; {os.cpu_count()} CPUs; "
+          f"load average {load_avg()}")
     runs: dict[str, list[dict]] = {name: [] for name in arms}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         write_data(Path(tmp), args.examples, model)
-        for rep in range(args.repeat):  # arms alternate, so a burst of outside load hits both
+        for rep in range(args.repeat):  # arms alternate, so a burst of outside load hits all of them
             for name in arms:
                 r = run_arm(name, args, tmp)
                 if r:
                     runs[name].append(r)
                     print(f"[{name}] run {rep + 1}: {r['tok_s']:.0f} tok/s over steps {args.skip + 1}.., "
-                          f"{r['median_step_tok_s']:.0f} tok/s in the median step, "
-                          f"peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
+                          f"{r['median_step_tok_s']:.0f} tok/s in the median step ({r['median_step_s']:.3f} s), "
+                          f"start-up {r['startup_s']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
     print()
     best: dict[str, dict] = {}
     for name, rs in runs.items():
         if not rs:
             continue
         r = best[name] = sorted(rs, key=lambda x: x["tok_s"])[len(rs) // 2]  # the median run
-        extra = f", loss_type {r['loss_type']}" if "loss_type" in r else f", {r['micro_batches']} micro-batch(es)/step"
+        if "loss_type" in r:
+            extra = f"loss_type {r['loss_type']}, {r['torch_threads']} torch threads"
+        else:
+            extra = (f"{r['micro_batches']} micro-batch(es)/step (budget {r['micro_batch_tokens']} tokens), "
+                     f"checkpoint every {r['checkpoint_every']} steps")
+            extra += (f", {r['num_workers']} Ray Train workers" if "num_workers" in r
+                      else f", 1 process, {r['torch_threads']} torch threads")
         print(f"{name:9s}: {r['tok_s']:8.0f} tok/s ({r['resp_tok_s']:.0f} response tok/s) in the median of "
-              f"{len(rs)} run(s) {[round(x['tok_s']) for x in rs]}; peak RSS {r['peak_rss_mib']:.0f} MiB with "
-              f"children, {r['self_peak_rss_mib']:.0f} MiB the process alone; loss last step {r['final_loss']:.4f}, mean {r['mean_loss']:.4f}"
-              f"{extra}; {r['torch_threads']} torch threads")
-        print(f"{'':9s}  median-step rate {r['median_step_tok_s']:.0f} tok/s; over all runs: median "
-              f"{median(x['median_step_tok_s'] for x in rs):.0f}, best {max(x['median_step_tok_s'] for x in rs):.0f}")
-        print(f"{'':9s}  loop {r['loop_s']:.1f} s for {r['steps']} steps; train call {r['train_call_s']:.1f} s "
-              f"(set-up/export outside the loop {r['train_call_s'] - r['loop_s']:.1f} s); whole process "
-              f"{r['process_wall_s']:.1f} s")
+              f"{len(rs)} run(s) {[round(x['tok_s']) for x in rs]}; {extra}")
+        print(f"{'':9s}  median step {r['median_step_s']:.3f} s, median-step rate {r['median_step_tok_s']:.0f} tok/s;"
+              f" over all runs: median {median(x['median_step_tok_s'] for x in rs):.0f}, best "
+              f"{max(x['median_step_tok_s'] for x in rs):.0f}")
+        where = {"ray_train": "TorchTrainer.fit()", "single": "train_loop() call"}.get(
+            name, "model load + SFTTrainer set-up + train()")
+        print(f"{'':9s}  loop {r['loop_s']:.1f} s for {r['steps']} steps; {where} {r['train_call_s']:.1f} s, so "
+              f"start-up (+ export) outside the loop {r['startup_s']:.1f} s"
+              + (f"; ray.init {r['ray_init_s']:.1f} s before it" if "ray_init_s" in r else "")
+              + f"; whole process {r['process_wall_s']:.1f} s")
+        print(f"{'':9s}  peak RSS {r['peak_rss_mib']:.0f} MiB with children, {r['self_peak_rss_mib']:.0f} MiB the "
+              f"process alone; loss last step {r['final_loss']:.4f}, mean {r['mean_loss']:.4f}")
         print(f"{'':9s}  step seconds: {r['step_s']}")
         if r.get("note"):
             print(f"{'':9s}  NOTE: {r['note']}")
-    v, t = best.get("verifine"), best.get("trl")
-    if v and t:
-        print()
-        print(f"ratio verifine/TRL tokens/s:  {v['tok_s'] / t['tok_s']:.2f}  (target >= 1.0; median runs, "
-              f"steps {args.skip + 1}..{args.steps})")
-        med = {k: median(x["median_step_tok_s"] for x in runs[k]) for k in ("verifine", "trl")}
-        top = {k: max(x["median_step_tok_s"] for x in runs[k]) for k in ("verifine", "trl")}
-        print(f"ratio verifine/TRL median-step tokens/s: {med['verifine'] / med['trl']:.2f} (median over runs), "
-              f"{top['verifine'] / top['trl']:.2f} (best run each)")
-        print(f"ratio verifine/TRL peak RSS:  {v['peak_rss_mib'] / t['peak_rss_mib']:.2f} with children, "
-              f"{v['self_peak_rss_mib'] / t['self_peak_rss_mib']:.2f} the process alone  (lower is better)")
-        print(f"ratio verifine/TRL process wall time: {v['process_wall_s'] / t['process_wall_s']:.2f}")
+    print()
+    print(f"load average now {load_avg()} (1/5/15 min) on {os.cpu_count()} CPUs shared with other work")
+    steps = f"steps {args.skip + 1}..{args.steps}, median runs"
+    med = {k: median(x["median_step_tok_s"] for x in runs[k]) for k in best}
+    ray, single, trl = best.get("ray_train"), best.get("single"), best.get("trl")
+    if ray and single:
+        print(f"ratio Ray Train / single process tokens/s: {ray['tok_s'] / single['tok_s']:.2f} ({steps}); "
+              f"median-step {med['ray_train'] / med['single']:.2f}; step time single/Ray "
+              f"{single['median_step_s'] / ray['median_step_s']:.2f}  (target >= 0.9)")
+        print(f"start-up outside the loop: Ray Train {ray['startup_s']:.1f} s (+ ray.init {ray['ray_init_s']:.1f} s), "
+              f"single process {single['startup_s']:.1f} s")
+    for name, r in (("Ray Train", ray), ("single process", single)):
+        if r and trl:
+            key = "ray_train" if r is ray else "single"
+            print(f"ratio {name} / TRL tokens/s: {r['tok_s'] / trl['tok_s']:.2f} ({steps}); median-step "
+                  f"{med[key] / med['trl']:.2f}  (target >= 1.2)")
+
 
 if __name__ == "__main__":
     main()
