@@ -115,7 +115,14 @@ def dpo_stats(
         "rejected_reward": rejected_reward.float().mean(),
         "reward_margin": margin.float().mean(),
         "accuracy": (margin > 0).float().mean(),
+        # DPO as reweighted SFT: each pair's update is scaled by sigmoid(-Delta).
+        "pair_weight": torch.sigmoid(-margin.float()).mean(),
     }
+
+
+def pair_weight_histogram(margin: Tensor, bins: int = 10) -> Tensor:
+    """Counts of DPO pair weights sigmoid(-Delta) in `bins` equal bins over [0, 1]."""
+    return torch.histc(torch.sigmoid(-margin.float()), bins=bins, min=0.0, max=1.0)
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ class ReferenceScorer:
     response token, aligned with actors.sequences.encode)."""
 
     def __init__(self, model_source, max_len: int, targets: list[str], token_budget: int = 8192,
-                 chunk_tokens: int = 2048):
+                 chunk_tokens: int = 2048, template: str | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from actors.model_source import local_model_path
@@ -27,6 +27,7 @@ class ReferenceScorer:
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
         self.max_len, self.targets, self.budget, self.chunk = max_len, targets, token_budget, chunk_tokens
+        self.template = template  # set: rows carry `problem`, rendered here as the train loop renders it
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
 
     @torch.no_grad()
@@ -46,7 +47,12 @@ class ReferenceScorer:
         return out
 
     def __call__(self, batch: dict) -> dict:
-        prompts = list(batch["prompt"])
+        if self.template:
+            from actors.prompt_templates import render_prompt
+
+            prompts = [render_prompt(self.tokenizer, self.template, p) for p in batch["problem"]]
+        else:
+            prompts = list(batch["prompt"])
         for col in self.targets:
             scores = self.score(prompts, list(batch[col]))
             batch[f"ref_{col}"] = [s if s is not None else [] for s in scores]

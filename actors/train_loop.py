@@ -29,12 +29,14 @@ from pathlib import Path
 
 import torch
 
+from actors.model_source import local_model_path
 from actors.objectives import (OBJECTIVE_SPECS, dpo_stats, kl_estimate, mean_implicit_reward, mean_token_prob,
-                               sequence_logp)
+                               pair_weight_histogram, sequence_logp)
 from actors.sequences import encode, micro_batches, pad_batch, response_len, step_schedule
 from actors.token_logprobs import TokenLogprobModel
 
 CKPT_TAG = "ckpt"
+PAIR_WEIGHT_BINS = 10
 
 
 # ----------------------------------------------------------------------------- data
@@ -68,7 +70,8 @@ def load_units(cfg: dict, tokenizer) -> list[dict]:
                 continue
             unit = {"ex": ex}
             if refs is not None:
-                unit["ref"] = _checked(_lookup(refs, (row["prompt_id"], row["sample_idx"]), cfg)["ref_completion"], ex, cfg)
+                key = (row["prompt_id"], row.get("sample_idx", 0))  # gold rows: one solution, sample_idx 0
+                unit["ref"] = _checked(_lookup(refs, key, cfg)["ref_completion"], ex, cfg)
         units.append(unit)
     return units
 
@@ -110,7 +113,8 @@ def micro_batch_loss(model, units: list[dict], objective: str, normalizer: float
         refs = [u["ref_c"] for u in units] + [u["ref_r"] for u in units]
     else:
         examples = [u["ex"] for u in units]
-        refs = [u["ref"] for u in units] if spec.needs_reference else None
+        # A reference pass is there for the loss, or only for diagnostics (KL, implicit reward).
+        refs = [u["ref"] for u in units] if "ref" in units[0] else None
     batch = {k: (v.to(device) if v is not None else None) for k, v in pad_batch(examples, pad_id, refs).items()}
     # The DeepSpeed engine (its forward keeps ZeRO-3 accumulation in step) of a TokenLogprobModel.
     logp = model(batch["input_ids"], batch["attention_mask"])
@@ -130,6 +134,8 @@ def micro_batch_loss(model, units: list[dict], objective: str, normalizer: float
     stats = {"token_prob": mean_token_prob(logp, mask).item(), "tokens": tokens}
     if spec.uses_pairs:
         stats.update({key: v.item() for key, v in pair_stats.items()})
+        margin = cfg["beta"] * ((seq[:k] - ref_seq[:k]) - (seq[k:] - ref_seq[k:]))
+        stats["pair_weight_hist"] = pair_weight_histogram(margin.detach()).tolist()
     if ref is not None:
         stats["implicit_reward"] = mean_implicit_reward(logp, ref, mask, cfg["beta"]).item()
         stats["kl_to_reference"] = kl_estimate(logp, ref, mask).item()
@@ -208,13 +214,14 @@ def train_loop(cfg: dict) -> dict:
     _init_distributed(on_gpu)
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(cfg["seed"])
-    tokenizer = AutoTokenizer.from_pretrained(cfg["model_path"])
+    model_path = local_model_path(cfg["model_path"])  # a run-store model is copied to this node's cache
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     units = load_units(cfg, tokenizer)
     if not units:
         raise ValueError(f"{cfg['data_file']}: no training rows fit in max_len={cfg['max_len']}")
     schedule = step_schedule(len(units), cfg["batch_size"], cfg["epochs"], cfg["seed"])
-    model = AutoModelForCausalLM.from_pretrained(cfg["model_path"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     model.config.use_cache = False
     if cfg.get("gradient_checkpointing"):
         model.gradient_checkpointing_enable()
@@ -263,9 +270,13 @@ def _run_steps(cfg, engine, scheduler, units, schedule, start_step, metrics_log,
             total_loss += loss.item()
             n = stats.get("tokens", 0.0)
             for k, v in stats.items():
-                agg[k] = agg.get(k, 0.0) + (v if k == "tokens" else v * n)
+                if k == "pair_weight_hist":  # counts of pairs per bin
+                    agg[k] = [a + b for a, b in zip(agg.get(k, [0] * len(v)), v)]
+                else:
+                    agg[k] = agg.get(k, 0.0) + (v if k == "tokens" else v * n)
         engine.step()
-        metrics = _step_metrics(engine, scheduler, total_loss, agg, step, len(schedule), t0, objective)
+        metrics = _step_metrics(engine, scheduler, total_loss, agg, step, len(schedule), t0, objective,
+                                bool(cfg.get("reference_file")))
         metrics.update(resumed_from_step=start_step, micro_batches_max=len(my_plan))
         tokens_seen += metrics["tokens"]
         metrics["tokens_per_s"] = round(tokens_seen / max(time.time() - t0, 1e-9), 1)
@@ -345,23 +356,26 @@ class MetricsLog:
             print(f"metrics file {self._rel}: final write failed ({e!r})", flush=True)
 
 
-def stat_keys(objective: str) -> list[str]:
+def stat_keys(objective: str, with_reference: bool = False) -> list[str]:
     spec = OBJECTIVE_SPECS[objective]
     keys = ["token_prob"]
-    if spec.needs_reference:
+    if spec.needs_reference or with_reference:
         keys += ["implicit_reward", "kl_to_reference"]
     if spec.uses_pairs:
-        keys += ["chosen_reward", "rejected_reward", "reward_margin", "accuracy"]
+        keys += ["chosen_reward", "rejected_reward", "reward_margin", "accuracy", "pair_weight"]
     return keys
 
 
-def _step_metrics(engine, scheduler, total_loss, agg, step, total_steps, t0, objective) -> dict:
+def _step_metrics(engine, scheduler, total_loss, agg, step, total_steps, t0, objective,
+                  with_reference: bool = False) -> dict:
     """Loss and token-weighted diagnostics summed over ranks: every rank logs the same."""
     import torch.distributed as dist
 
-    keys = stat_keys(objective)
-    vec = torch.tensor([total_loss, agg.get("tokens", 0.0)] + [agg.get(k, 0.0) for k in keys], dtype=torch.float64,
-                       device=engine.device)  # nccl reduces only device tensors
+    keys = stat_keys(objective, with_reference)
+    hist = [float(x) for x in agg.get("pair_weight_hist", [0] * PAIR_WEIGHT_BINS)] if OBJECTIVE_SPECS[
+        objective].uses_pairs else []
+    vec = torch.tensor([total_loss, agg.get("tokens", 0.0)] + [agg.get(k, 0.0) for k in keys] + hist,
+                       dtype=torch.float64, device=engine.device)  # nccl reduces only device tensors
     dist.all_reduce(vec)
     tokens = vec[1].item()
     gn = engine.get_global_grad_norm()
@@ -371,6 +385,8 @@ def _step_metrics(engine, scheduler, total_loss, agg, step, total_steps, t0, obj
     out["tokens_per_s"] = None
     for i, k in enumerate(keys):
         out[k] = vec[2 + i].item() / max(tokens, 1)
+    if hist:
+        out["pair_weight_hist"] = [int(x) for x in vec[2 + len(keys):].tolist()]
     return out
 
 

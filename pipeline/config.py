@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt,
+from pydantic import (TypeAdapter, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt,
                       StrictStr, ValidationError, model_validator)
 from pydantic_core import PydanticCustomError
 
+from pipeline.recipes import DEFAULT_DATA, REFERENCE_OBJECTIVES, RecipeError, expand_runs  # noqa: F401
 from pipeline.sources import FieldProblem, SourceSpec, validation_problems
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -44,10 +45,6 @@ NO_OUTPUT_EFFECT = (
     "train.gradient_checkpointing",   # recomputes the same activations: memory, not results
     "eval.registry",                  # where the registry lives; the entry and its data are hashed instead
 )
-
-
-# Objectives whose loss reads reference log-probs (actors/objectives.py OBJECTIVE_SPECS).
-REFERENCE_OBJECTIVES = ("dpo", "chi2", "hellinger", "tv")
 
 
 class ConfigError(ValueError):
@@ -137,8 +134,50 @@ class VerifyConfig(_Section):
     max_pairs_per_prompt: Int = Field(2, ge=1)
 
 
+def _sweepable(kind):
+    """A hyper-parameter of a run: one value, or a list (a sweep: one run per value)."""
+    adapter = TypeAdapter(kind)
+
+    def one(x):
+        try:
+            return adapter.validate_python(x)
+        except ValidationError as e:
+            err = e.errors()[0]
+            limit = next(iter((err.get("ctx") or {}).items()), None)
+            ops = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+            why = f"must be {ops[limit[0]]} {limit[1]}" if limit and limit[0] in ops else err["msg"]
+            raise PydanticCustomError("value_error", "{why}", {"why": why}) from None
+
+    def check(v):
+        if v is None:
+            return None
+        return tuple(one(x) for x in v) if isinstance(v, (list, tuple)) else one(v)
+
+    return Optional[Annotated[Any, BeforeValidator(check)]]
+
+
+class TrainRun(_Section):
+    """One named training run (pipeline/recipes.py); unset hyper-parameters take the
+    train section's values."""
+    name: Optional[NonEmptyStr] = None   # default: the objective; a sweep adds @key=value
+    objective: Literal[OBJECTIVES]
+    data: Optional[TrainData] = None     # default: the objective's (sft: gold, dpo: pairs, ...)
+    init: Union[NonEmptyStr, tuple[NonEmptyStr, ...]] = "base"  # "base", or earlier run(s): one chain each
+    reference: Optional[Literal["parent", "base"]] = None  # reference model after init (default: parent)
+    diagnostics: Bool = False            # KL-to-reference / implicit reward for objectives without one
+    lr: _sweepable(Annotated[Float, Field(gt=0)]) = None
+    batch_size: _sweepable(Annotated[Int, Field(ge=1)]) = None
+    micro_batch_tokens: _sweepable(Annotated[Int, Field(ge=1)]) = None
+    epochs: _sweepable(Annotated[Float, Field(gt=0)]) = None
+    warmup_ratio: _sweepable(Annotated[Float, Field(ge=0, lt=1)]) = None
+    weight_decay: _sweepable(Annotated[Float, Field(ge=0)]) = None
+    grad_clip: _sweepable(Annotated[Float, Field(gt=0)]) = None
+    beta: _sweepable(Annotated[Float, Field(gt=0)]) = None
+
+
 class TrainConfig(_Section):
     objectives: tuple[Str, ...] = ("rft", "dft", "dpo", "chi2", "hellinger")
+    runs: tuple[TrainRun, ...] = ()      # named runs, chains and sweeps (pipeline/recipes.py), after objectives
     # objective -> "positives" | "pairs" | "gold"; None (or an objective left out): its default
     data: Optional[dict[Str, TrainData]] = None
     lr: Float = Field(5e-5, gt=0)
@@ -227,16 +266,25 @@ class Config(_Section):
             if (obj == "dpo") != (kind == "pairs"):
                 raise FieldProblem(f"train.data.{obj}",
                                    f"{kind!r} is not supported: DPO trains on pairs, and only DPO does")
-            if kind == "gold" and obj in REFERENCE_OBJECTIVES:
-                raise FieldProblem(f"train.data.{obj}",
-                                   f"'gold' is not supported yet for {obj}: it needs reference log-probs on gold "
-                                   f"solutions; use positives")
+        for i, run in enumerate(self.train.runs):
+            kind = run.data or DEFAULT_DATA[run.objective]
+            if (run.objective == "dpo") != (kind == "pairs"):
+                raise FieldProblem(f"train.runs[{i}].data",
+                                   f"{kind!r} is not supported: DPO trains on pairs, and only DPO does")
+        try:
+            names = [r.name for r in self.train_runs()]
+        except RecipeError as e:
+            raise FieldProblem(e.key, e.message) from None
         for m in self.eval.models or ():
-            if m != "base" and m not in objectives:
+            if m != "base" and m not in names:
                 raise FieldProblem("eval.models",
-                                   f"{m!r} is neither 'base' nor one of train.objectives "
-                                   f"({', '.join(objectives) or 'none'})")
+                                   f"{m!r} is neither 'base' nor a training run ({', '.join(names) or 'none'})")
         return self
+
+    def train_runs(self) -> list:
+        """Every training run (objectives, then train.runs expanded), parents first."""
+        t = self.train
+        return expand_runs(t.objectives, t.data, t.runs, t.dpo_lr, t.dpo_batch_size)
 
 
 # ----------------------------------------------------------------------- identities

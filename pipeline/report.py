@@ -9,7 +9,8 @@ import json
 
 from pipeline.metrics import summarize
 
-PLOTS = ("accuracy.png", "pass_at_k.png", "training_curves.png", "token_prob_hist.png")
+PLOTS = ("accuracy.png", "pass_at_k.png", "training_curves.png", "token_prob_hist.png", "kl_to_reference.png",
+         "dpo_pair_weights.png")
 
 
 VERSION = 1
@@ -80,20 +81,108 @@ def render_markdown(data: dict) -> str:
                   f"mixed {_pct(v.get('prompts_mixed'))}%, all-wrong {_pct(v.get('prompts_all_wrong'))}%",
                   f"- positives {v.get('positives')}, preference pairs {v.get('pairs')}", ""]
     if data["train"]:
-        lines += ["## Training", "", "| objective | steps | final loss | token prob | KL to reference | implicit reward |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["## Training", "", "| run | steps | final loss | token prob | KL to reference | implicit reward "
+                  "| DPO pair weight σ(−Δ) |", "|---|---|---|---|---|---|---|"]
         for o, t in data["train"].items():
             f = t["final"]
             fmt = lambda k: "-" if f.get(k) is None else f"{f[k]:.4f}"
             lines.append(f"| {o} | {t['steps']} | {fmt('loss')} | {fmt('token_prob')} | {fmt('kl_to_reference')} "
-                         f"| {fmt('implicit_reward')} |")
+                         f"| {fmt('implicit_reward')} | {fmt('pair_weight')} |")
         lines.append("")
+    lines += render_families(data)
     if data.get("excluded"):
         lines += ["## Left out", "", "These stages do not match the current configuration (stale, missing or broken; "
                   "`verifine status` shows why) and are not in the tables above:", ""]
         lines += [f"- {name}" for name in data["excluded"]] + [""]
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in PLOTS] + [""]
     return "\n".join(lines)
+
+
+def _avg_cell(data: dict, model: str) -> str:
+    return _pct(data["eval"].get(model, {}).get("_average"))
+
+
+def sweeps(runs: list[dict]) -> dict[tuple, list[dict]]:
+    """(family, parent) -> the runs of one sweep (members that differ by swept values)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        if r["swept"]:
+            groups.setdefault((r["family"], r["init"]), []).append(r)
+    return groups
+
+
+def render_families(data: dict) -> list[str]:
+    """Each sweep as a table with its parent and the base; each chain as parent -> child."""
+    runs, benches = data.get("runs") or [], data["benchmarks"]
+    lines = []
+    for (family, parent), members in sweeps(runs).items():
+        keys = sorted({k for r in members for k, _ in r["swept"]})
+        lines += [f"## Sweep: {family}" + (f" from {parent}" if parent != "base" else ""), "",
+                  "| model | " + " | ".join(keys) + " | " + " | ".join(benches) + " | average | final KL to reference |",
+                  "|---|" + "---|" * (len(keys) + len(benches) + 2)]
+        rows = [("base", {})] + ([(parent, {})] if parent != "base" else []) + [(r["name"], dict(r["swept"])) for r in members]
+        for name, swept in rows:
+            per = data["eval"].get(name, {})
+            kl = (data["train"].get(name) or {}).get("final", {}).get("kl_to_reference")
+            lines.append(f"| {name} | " + " | ".join(str(swept.get(k, "")) for k in keys) + " | "
+                         + " | ".join(_pct(per[b]["avg_at_n"]) if b in per else "-" for b in benches)
+                         + f" | {_avg_cell(data, name)} | {'-' if kl is None else f'{kl:.4f}'} |")
+        lines.append("")
+    chains = [r for r in runs if r["init"] != "base"]
+    if chains:
+        lines += ["## Chains: parent → child (average avg@n, %)", "", "| parent | child | parent | child | change |",
+                  "|---|---|---|---|---|"]
+        for r in chains:
+            p, c = data["eval"].get(r["init"], {}).get("_average"), data["eval"].get(r["name"], {}).get("_average")
+            change = "-" if p is None or c is None else f"{100 * (c - p):+.1f}"
+            lines.append(f"| {r['init']} | {r['name']} | {_pct(p)} | {_pct(c)} | {change} |")
+        lines.append("")
+    return lines
+
+
+def plot_kl_curves(data: dict) -> bytes:
+    """KL-to-reference along training: every sweep's members (else every run that logs it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["name"] for group in sweeps(data.get("runs") or []).values() for r in group]
+    names = [n for n in names if n in data["train"]] or list(data["train"])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name in names:
+        hist = [h for h in data["train"][name]["history"] if h.get("kl_to_reference") is not None]
+        if hist:
+            ax.plot([h["step"] for h in hist], [h["kl_to_reference"] for h in hist], label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("KL(policy || reference) per token")
+    ax.set_title("KL to reference during training")
+    if ax.lines:
+        ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def plot_dpo_pair_weights(data: dict) -> bytes:
+    """DPO's per-pair weight σ(−Δ) on its SFT-like update, summed over training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, t in data["train"].items():
+        hists = [h["pair_weight_hist"] for h in t["history"] if h.get("pair_weight_hist")]
+        if hists:
+            counts = np.sum(np.array(hists, dtype=float), axis=0)
+            edges = np.linspace(0, 1, len(counts) + 1)
+            ax.stairs(counts / max(counts.sum(), 1), edges, label=name)
+    ax.set_xlabel("σ(−Δ): weight of a pair's SFT-like update")
+    ax.set_ylabel("share of pairs")
+    ax.set_title("DPO pair weights over training")
+    if ax.patches or ax.lines:
+        ax.legend(fontsize=7)
+    return _png(fig)
 
 
 def _png(fig) -> bytes:
@@ -234,6 +323,7 @@ def write_report(store, work_dir: str, manifests: dict, c, base_source, log=prin
     `excluded` names eval stages left out because they do not match the configuration."""
     models, benches = list(c.report.models), list(c.report.benchmarks)
     data = collect(store, manifests, models, benches, c.eval.n)
+    data["runs"] = [r for r in c.report.runs if f"train/{r['name']}" in manifests]
     data["excluded"] = sorted(excluded)
     try:
         probs = token_probabilities(store, manifests, benches[0], base_source, c.train.max_len, c.train.use_gpu, log)
@@ -247,6 +337,7 @@ def write_report(store, work_dir: str, manifests: dict, c, base_source, log=prin
         "report.json": json.dumps({k: v for k, v in data.items()}, indent=2, default=str).encode(),
         "accuracy.png": plot_accuracy(data), "pass_at_k.png": plot_pass_at_k(data),
         "training_curves.png": plot_training(data), "token_prob_hist.png": plot_token_probs(probs),
+        "kl_to_reference.png": plot_kl_curves(data), "dpo_pair_weights.png": plot_dpo_pair_weights(data),
     }
     out = []
     for name, blob in files.items():

@@ -6,15 +6,11 @@ from __future__ import annotations
 
 import json
 
-from actors.objectives import OBJECTIVE_SPECS
 from actors.train_loop import train_loop
+from actors.model_source import store_model_source
 from pipeline.external import base_model_source
 
 VERSION = 1
-
-
-def data_kind(objective: str, overrides: dict | None) -> str:
-    return (overrides or {}).get(objective) or OBJECTIVE_SPECS[objective].default_data
 
 
 def check_not_empty(store, data_file: str, kind: str, verify_stats: dict | None) -> int:
@@ -29,13 +25,6 @@ def check_not_empty(store, data_file: str, kind: str, verify_stats: dict | None)
                 else "positives need at least one verified-correct, untruncated sample")
         raise ValueError(f"the {kind} set {data_file} is empty: {hint}{why}; nothing to train on")
     return rows
-
-
-def lr_and_batch(train_cfg, objective: str) -> tuple[float, int]:
-    """DPO has its own lr / batch size in the papers (train.dpo_lr, train.dpo_batch_size)."""
-    if objective == "dpo":
-        return train_cfg.dpo_lr or train_cfg.lr, train_cfg.dpo_batch_size or train_cfg.batch_size
-    return train_cfg.lr, train_cfg.batch_size
 
 
 def loop_config(c, store, data_file: str, reference_file: str | None, model_path: str, export_dir: str) -> dict:
@@ -61,15 +50,17 @@ def run_train(ctx):
     else:
         data_file, stats = ctx.input_file("verify", f"{c.data}.parquet"), ctx.upstream["verify"].get("stats")
     rows = check_not_empty(ctx.store, data_file, c.data, stats)
-    ref_file = ctx.input_file("reference", f"{c.data}.parquet") if "reference" in ctx.stage.inputs else None
+    ref_file = ctx.input_file(f"reference/{c.reference}", f"{c.data}.parquet") if c.reference else None
     export_dir = f"{ctx.work_dir}/model"
-    from actors.model_source import local_model_path
-
-    model = local_model_path(base_model_source(ctx.stage.external["base_model"], ctx.store, ctx.log))
+    if c.init == "base":
+        model = base_model_source(ctx.stage.external["base_model"], ctx.store, ctx.log)
+    else:  # a chain: start from the parent run's exported model
+        model = store_model_source(ctx.store.uri, ctx.upstream[f"train/{c.init}"])
     loop_cfg = loop_config(c, ctx.store, data_file, ref_file, model, export_dir)
     loop_cfg["metrics_file"] = f"{ctx.work_dir}/metrics.jsonl"
     loop_cfg.update(test_hooks())
-    ctx.log(f"  training {c.objective} on {rows} {c.data} rows with {c.train.num_workers} workers")
+    ctx.log(f"  training {c.objective} on {rows} {c.data} rows from {c.init} with {c.train.num_workers} workers"
+            + (f", reference {c.reference}" if c.reference else ""))
     run_with_ray_train(loop_cfg, c.train.num_workers, c.train.use_gpu, ctx.store.full_uri(ctx.work_dir, "ray"),
                        c.train.max_failures, ctx.log)
     files = (ctx.store.list_files(export_dir) + [loop_cfg["metrics_file"]]

@@ -36,7 +36,7 @@ def test_unknown_key_names_key_and_file(tmp_path):
         load_config(p)
     msg = str(e.value)
     assert msg.startswith(f"{p}: unknown key 'train.lrr'")
-    assert "known: objectives, data, lr," in msg and "checkpoint_every" in msg
+    assert "known: objectives, runs, data, lr," in msg and "checkpoint_every" in msg
 
 
 def test_unknown_section(tmp_path):
@@ -234,7 +234,7 @@ def test_supported_train_data_loads(tmp_path):
 def test_eval_models_and_benchmarks_rules(tmp_path):
     ok = load_config(None, ["train.objectives=[rft, dft]", "eval.models=[base, dft]"])
     assert ok.eval.models == ("base", "dft")
-    with pytest.raises(ConfigError, match=r"eval\.models: 'dpo' is neither 'base' nor one of train\.objectives"):
+    with pytest.raises(ConfigError, match=r"eval\.models: 'dpo' is neither 'base' nor a training run"):
         load_config(None, ["train.objectives=[rft, dft]", "eval.models=[base, dpo]"])
     with pytest.raises(ConfigError, match=r"eval\.benchmarks: must not be empty"):
         load_config(None, ["eval.benchmarks=[]"])

@@ -365,6 +365,24 @@ def test_dpo_stats():
     torch.testing.assert_close(s["chosen_reward"], torch.tensor(0.5 * (0 - 4 + 3) / 3))
 
 
+def test_dpo_pair_weight_is_the_weight_of_each_pairs_sft_like_update():
+    """d loss / d (sum log p of the chosen answer) = -beta * sigmoid(-Delta) / N: the pair
+    weight the metrics report is that sigmoid(-Delta), and its histogram counts pairs."""
+    from actors.objectives import dpo_loss, pair_weight_histogram
+
+    beta = 0.5
+    c = torch.tensor([-5.0, -9.0, -2.0, -7.0], requires_grad=True)
+    r, ref_c, ref_r = torch.tensor([-6.0, -4.0, -3.0, -7.5]), torch.full((4,), -5.0), torch.full((4,), -5.0)
+    dpo_loss(c, r, ref_c, ref_r, beta, 4).backward()
+    weights = -c.grad * 4 / beta
+    s = dpo_stats(c.detach(), r, ref_c, ref_r, beta)
+    torch.testing.assert_close(s["pair_weight"], weights.mean())
+    margin = beta * ((c.detach() - ref_c) - (r - ref_r))
+    hist = pair_weight_histogram(margin, bins=10)
+    assert hist.sum().item() == 4
+    assert all(hist[min(int(w * 10), 9)] > 0 for w in weights.tolist())
+
+
 # ---------------------------------------------------------------- normalisation
 
 

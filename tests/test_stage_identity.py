@@ -13,12 +13,12 @@ from pipeline.runner import stage_identity
 TRAIN = {f"train/{o}" for o in ("rft", "dft", "dpo", "chi2", "hellinger")}
 EVAL = {f"eval/{m}/{b}" for m in ("base", "rft", "dft", "dpo", "chi2", "hellinger") for b in ("toy_id", "toy_harder")}
 EVAL_BASE = {e for e in EVAL if e.startswith("eval/base/")}
-BASE_MODEL_READERS = {"sample", "reference", "report"} | TRAIN | EVAL_BASE
+BASE_MODEL_READERS = {"sample", "reference/base", "report"} | TRAIN | EVAL_BASE
 
 # key -> stages whose own identity must change (on configs/toy.yaml). Downstream stages
 # follow through their inputs' content, at run time.
 EXPECTED = {
-    "run.seed": {"prompts", "sample", *TRAIN, *EVAL, "reference", "report"},  # and the toy base model's build
+    "run.seed": {"prompts", "sample", *TRAIN, *EVAL, "reference/base", "report"},  # and the toy base model's build
     "model.base": BASE_MODEL_READERS,
     "model.dtype": {"sample", *EVAL},
     "data.source": {"prompts"}, "data.toy_count": {"prompts"},
@@ -33,7 +33,7 @@ EXPECTED = {
     "train.lr": TRAIN - {"train/dpo"},  # toy.yaml gives DPO its own dpo_lr
     "train.dpo_lr": {"train/dpo"}, "train.dpo_batch_size": {"train/dpo"},
     "train.beta": {f"train/{o}" for o in ("dpo", "chi2", "hellinger")},
-    "train.max_len": {*TRAIN, "reference", "report"}, "train.use_gpu": {*TRAIN, "reference", "report"},
+    "train.max_len": {*TRAIN, "reference/base", "report"}, "train.use_gpu": {*TRAIN, "reference/base", "report"},
     **{f"train.{k}": TRAIN for k in ("batch_size", "micro_batch_tokens", "epochs", "warmup_ratio", "weight_decay",
                                      "grad_clip", "num_workers", "zero_stage", "precision", "optimizer")},
     **{f"eval.{k}": EVAL for k in ("temperature", "top_p", "max_tokens", "limit")},
@@ -44,9 +44,11 @@ SHAPE = {"train.objectives": {"removed": {"train/hellinger", "eval/hellinger/toy
                               "changed": {"report"}},
          "eval.benchmarks": {"removed": {e for e in EVAL if e.endswith("toy_harder")}, "changed": {"report"}},
          "eval.models": {"removed": EVAL - EVAL_BASE - {"eval/rft/toy_id", "eval/rft/toy_harder"},
-                         "changed": {"report"}}}
+                         "changed": {"report"}},
+         "train.runs": {"added": {"train/rft+sft", "eval/rft+sft/toy_id", "eval/rft+sft/toy_harder"},
+                        "changed": {"report"}}}
 SPECIAL = {"train.objectives": "[rft, dft, dpo, chi2]", "eval.benchmarks": "[toy_id]", "eval.models": "[base, rft]",
-           "train.data": "{rft: gold}", "model.base": "some-org/some-model", "run.dir": "/tmp/elsewhere",
+           "train.data": "{rft: gold}", "train.runs": "[{objective: sft, init: rft}]", "model.base": "some-org/some-model", "run.dir": "/tmp/elsewhere",
            "ray.address": "auto",
            "sample.template": "qwen-boxed", "model.dtype": "bfloat16", "train.precision": "bf16",
            "train.optimizer": "sgd", "train.zero_stage": "3"}
@@ -104,7 +106,9 @@ def test_a_key_changes_exactly_the_stages_that_read_it(key, tmp_path, monkeypatc
     changed = {s for s in before if s in after and before[s] != after[s]}
     removed, added = set(before) - set(after), set(after) - set(before)
     if key in SHAPE:
-        assert (removed, added, changed) == (SHAPE[key]["removed"], set(), SHAPE[key]["changed"])
+        expected = SHAPE[key]
+        assert (removed, added, changed) == (expected.get("removed", set()), expected.get("added", set()),
+                                             expected["changed"])
     elif _declared(key):
         assert (changed, removed, added) == (set(), set(), set()), f"{key} is declared to change no output"
     else:

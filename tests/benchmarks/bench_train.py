@@ -12,7 +12,8 @@ AdamW (betas 0.9/0.95), lr, warm-up + cosine, clip 1.0, fp32 on CPU. Each arm ru
 own child process, one after the other, alternating over --repeat rounds:
 
 - ray_train: the stage as `verifine run` runs it. The loop config comes from
-  `pipeline.train_stage.loop_config` on configs/toy.yaml (micro-batch token budget,
+  `pipeline.train_stage.loop_config` on the train/dft stage's config view
+  (`pipeline.plan.build_stages` on configs/toy.yaml: micro-batch token budget,
   checkpoint_every, num_workers=2, ZeRO-2 ... as configured there; only batch size, lr,
   max_len and epochs are set from the arguments), Ray is started by
   `pipeline.ray_session.connect` and the stage runs through
