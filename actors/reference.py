@@ -31,8 +31,8 @@ class ReferenceScorer:
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
 
     @torch.no_grad()
-    def score(self, prompts: list[str], completions: list[str]) -> list[list[float] | None]:
-        encoded = [encode(self.tokenizer, p, c, self.max_len) for p, c in zip(prompts, completions)]
+    def score(self, prompts: list[str], completions: list[str], close_turn: bool = False) -> list[list[float] | None]:
+        encoded = [encode(self.tokenizer, p, c, self.max_len, close_turn) for p, c in zip(prompts, completions)]
         out: list[list[float] | None] = [None] * len(encoded)
         valid = [i for i, e in enumerate(encoded) if e is not None]
         for mb in micro_batches([len(encoded[i]["ids"]) for i in valid], self.budget):
@@ -54,7 +54,7 @@ class ReferenceScorer:
         else:
             prompts = list(batch["prompt"])
         for col in self.targets:
-            scores = self.score(prompts, list(batch[col]))
+            scores = self.score(prompts, list(batch[col]), close_turn=bool(self.template))  # gold: a demonstration
             batch[f"ref_{col}"] = [s if s is not None else [] for s in scores]
             batch[f"ref_{col}_tokens"] = [len(s) if s is not None else 0 for s in scores]
         return batch

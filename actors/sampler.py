@@ -5,6 +5,15 @@ Each input row is one *block* of problems (block_id, prompt_ids, problems, templ
 the actor renders each prompt with its model's tokenizer, and outputs one row per
 (prompt, sample). A plain actor class handles n > 1 directly
 (ray.data.llm keeps only the first completion of each request).
+
+Stops: the tokenizer's EOS, the chat template's end-of-turn token (actors/sequences.py
+`stop_token_ids`) and the optional `stop` strings. A completion is stored as generated:
+it ends with the text of the token (or the string) it stopped on, and with nothing after
+a `length` finish, so training sequences end exactly where the sampler did.
+
+A prompt whose tokens leave no room to generate within the engine's max_model_len is not
+sent to the engine (vLLM would fail the whole batch): its n rows say
+finish_reason "prompt_too_long", with an empty completion and no tokens.
 """
 from __future__ import annotations
 
@@ -15,6 +24,9 @@ from typing import Any, Optional
 
 from actors.model_source import local_model_path
 from actors.prompt_templates import render_prompt
+from actors.sequences import stop_token_ids, token_ids
+
+PROMPT_TOO_LONG = "prompt_too_long"  # finish_reason of the rows of a skipped prompt
 
 
 @dataclass(frozen=True)
@@ -29,6 +41,7 @@ class EngineSpec:
     gpu_memory_utilization: float = 0.25
     max_model_len: Optional[int] = None
     dtype: str = "auto"
+    stop: tuple = ()               # extra stop strings (kept in the completion)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,10 +67,12 @@ def make_engine(spec: EngineSpec):
     return LLM(**kwargs)
 
 
-def sampling_params(spec: EngineSpec):
+def sampling_params(spec: EngineSpec, stop_ids: list[int] = ()):
     from vllm import SamplingParams
 
-    return SamplingParams(n=spec.n, temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_tokens)
+    return SamplingParams(n=spec.n, temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_tokens,
+                          stop_token_ids=list(stop_ids), stop=list(spec.stop) or None,
+                          include_stop_str_in_output=True)
 
 
 def _with_seed(params, seed: int):
@@ -75,11 +90,28 @@ def _has_gpu() -> bool:
         return False
 
 
-def completion_rows(prompt_ids, prompts, outputs) -> list[dict]:
+def completion_text(tokenizer, comp) -> str:
+    """The generated text including the token it stopped on: vLLM leaves a stop token
+    out of `text` (a special token is never detokenized), but it is in `token_ids`."""
+    text = comp.text
+    if str(comp.finish_reason) == "stop" and not isinstance(comp.stop_reason, str) and comp.token_ids:
+        end = tokenizer.decode([comp.token_ids[-1]], skip_special_tokens=False)
+        if not text.endswith(end):
+            text += end
+    return text
+
+
+def completion_rows(prompt_ids, prompts, outputs, tokenizer=None, n: int = 1) -> list[dict]:
+    """One row per (prompt, sample); an output of None is a skipped prompt (n rows)."""
     rows = []
     for pid, prompt, out in zip(prompt_ids, prompts, outputs):
+        if out is None:
+            rows += [{"prompt_id": pid, "sample_idx": idx, "prompt": prompt, "completion": "",
+                      "finish_reason": PROMPT_TOO_LONG, "num_tokens": 0} for idx in range(n)]
+            continue
         for idx, comp in enumerate(out.outputs):
-            rows.append({"prompt_id": pid, "sample_idx": idx, "prompt": prompt, "completion": comp.text,
+            rows.append({"prompt_id": pid, "sample_idx": idx, "prompt": prompt,
+                         "completion": completion_text(tokenizer, comp) if tokenizer is not None else comp.text,
                          "finish_reason": str(comp.finish_reason), "num_tokens": len(comp.token_ids)})
     return rows
 
@@ -91,12 +123,14 @@ class VLLMSampler:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.spec = EngineSpec(**spec)
         self.llm = make_engine(self.spec)
-        self.params = sampling_params(self.spec)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.stop_ids = stop_token_ids(self.tokenizer)
+        self.params = sampling_params(self.spec, self.stop_ids)
+        self.max_model_len = int(self.llm.model_config.max_model_len)
         # On GPUs each prompt gets its own seed (derived from the run seed and prompt id), so
         # results do not depend on block order or engine count. The CPU engine crashes with
         # per-request seeds (DESIGN facts): there the engine-level seed is all we have.
         self.per_request_seed = _has_gpu()
-        self.tokenizer = self.llm.get_tokenizer()
 
     def _reseed_for_block(self, prompt_ids: list[str]) -> None:
         """On CPU the engine runs in this process and samples from torch's global
@@ -130,11 +164,19 @@ class VLLMSampler:
                                                             batch["problems"], batch["template"]):
             prompt_ids = list(prompt_ids)
             prompts = [render_prompt(self.tokenizer, str(template), p) for p in problems]
+            ids = [token_ids(self.tokenizer, p) for p in prompts]
+            # Room for at least one generated token, or vLLM refuses the whole batch.
+            fits = [i for i, t in enumerate(ids) if len(t) < self.max_model_len]
             self._reseed_for_block(prompt_ids)
             start = time.perf_counter()
-            outputs = self.llm.generate(prompts, self._params_for(prompt_ids), use_tqdm=False)
+            outputs: list = [None] * len(prompts)
+            if fits:
+                params = self._params_for([prompt_ids[i] for i in fits])
+                generated = self.llm.generate([{"prompt_token_ids": ids[i]} for i in fits], params, use_tqdm=False)
+                for i, out in zip(fits, generated):
+                    outputs[i] = out
             seconds = time.perf_counter() - start
-            for row in completion_rows(prompt_ids, prompts, outputs):
+            for row in completion_rows(prompt_ids, prompts, outputs, self.tokenizer, self.spec.n):
                 for k, v in row.items():
                     columns[k].append(v)
                 columns["block_id"].append(int(block_id))

@@ -102,13 +102,8 @@ class RunStore:
     def write_bytes(self, rel: str, data: bytes) -> None:
         dest = self.path(rel)
         self.fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
-        if isinstance(self.fs, pafs.LocalFileSystem):
-            tmp = f"{dest}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)  # atomic on POSIX: readers see the old file or the new one
+        if self.is_local:
+            _write_local_atomically(dest, io.BytesIO(data))
         else:
             with self.fs.open_output_stream(dest) as f:  # object appears only on completion
                 f.write(data)
@@ -128,16 +123,7 @@ class RunStore:
         self.fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
         with open(local_path, "rb") as src:
             if self.is_local:
-                tmp = f"{dest}.tmp-{uuid.uuid4().hex[:8]}"
-                try:
-                    with open(tmp, "wb") as f:
-                        rec = copy_stream(src, f)
-                        f.flush()
-                        os.fsync(f.fileno())
-                    os.replace(tmp, dest)
-                except BaseException:
-                    _remove_quietly(tmp)
-                    raise
+                rec = _write_local_atomically(dest, src)
             else:
                 f = self.fs.open_output_stream(dest)  # the object appears only on close
                 try:
@@ -155,18 +141,8 @@ class RunStore:
         """Copy a store file to a local path, streaming; the local file appears only
         once complete (temporary name, fsync, rename). Returns {"bytes", "sha256"} of
         the bytes read, for the caller to compare with the manifest's record."""
-        local_path = os.fspath(local_path)
-        tmp = f"{local_path}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            with self.fs.open_input_stream(self.path(rel)) as src, open(tmp, "wb") as f:
-                rec = copy_stream(src, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, local_path)
-        except BaseException:
-            _remove_quietly(tmp)
-            raise
-        return rec
+        with self.fs.open_input_stream(self.path(rel)) as src:
+            return _write_local_atomically(os.fspath(local_path), src)
 
     def file_sizes(self, *parts: str) -> dict[str, int]:
         """{relative path: size in bytes} of every file under a directory, from one
@@ -221,6 +197,22 @@ class RunStore:
     def hash_file(self, rel: str) -> dict:
         with self.fs.open_input_stream(self.path(rel)) as f:
             return copy_stream(f, None)
+
+
+def _write_local_atomically(dest: str, src) -> dict:
+    """Stream `src` to a temporary name beside `dest`, fsync, rename: on POSIX a reader
+    sees the old file or the whole new one. Returns {"bytes", "sha256"}."""
+    tmp = f"{dest}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            rec = copy_stream(src, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    return rec
 
 
 def _close_and_delete(fs: pafs.FileSystem, stream, path: str) -> None:

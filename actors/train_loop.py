@@ -32,7 +32,7 @@ import torch
 from actors.model_source import local_model_path
 from actors.objectives import (OBJECTIVE_SPECS, dpo_stats, kl_estimate, mean_implicit_reward, mean_token_prob,
                                pair_weight_histogram, sequence_logp)
-from actors.sequences import encode, micro_batches, pad_batch, response_len, step_schedule
+from actors.sequences import encode_row, micro_batches, pad_batch, response_len, step_schedule
 from actors.token_logprobs import TokenLogprobModel
 
 CKPT_TAG = "ckpt"
@@ -42,38 +42,56 @@ PAIR_WEIGHT_BINS = 10
 # ----------------------------------------------------------------------------- data
 def load_units(cfg: dict, tokenizer) -> list[dict]:
     """Training units: one sequence (sft/rft/dft/f-div) or one (chosen, rejected) pair."""
+    return load_units_counted(cfg, tokenizer)[0]
+
+
+def load_units_counted(cfg: dict, tokenizer) -> tuple[list[dict], dict]:
+    """(units, counts): counts of the data rows read, used, and dropped because prompt +
+    response tokens exceed max_len (never cut: the answer and the stop token would go)
+    or because no response token is left; a pair is dropped when either side is."""
     from actors.store import RunStore
 
     store = RunStore(cfg["store_uri"])
     rows = store.read_rows(cfg["data_file"])
     refs = _reference_by_key(store, cfg) if cfg.get("reference_file") else None
     units = []
+    counts = {"data_rows": len(rows), "rows_used": 0, "rows_dropped_too_long": 0, "rows_dropped_empty": 0}
+
+    def dropped(*whys) -> bool:
+        why = next((w for w in whys if w), None)
+        if why:
+            counts[f"rows_dropped_{why}"] += 1
+        return why is not None
+
     for row in rows:
         if cfg["data"] == "pairs":
-            c = encode(tokenizer, row["prompt"], row["chosen"], cfg["max_len"])
-            r = encode(tokenizer, row["prompt"], row["rejected"], cfg["max_len"])
-            if c is None or r is None:
+            c, why_c = encode_row(tokenizer, row["prompt"], row["chosen"], cfg["max_len"])
+            r, why_r = encode_row(tokenizer, row["prompt"], row["rejected"], cfg["max_len"])
+            if dropped(why_c, why_r):
                 continue
             unit = {"c": c, "r": r}
             if refs is not None:
                 ref = _lookup(refs, (row["prompt_id"], row["pair_idx"]), cfg)
                 unit["ref_c"], unit["ref_r"] = _checked(ref["ref_chosen"], c, cfg), _checked(ref["ref_rejected"], r, cfg)
         else:
-            if cfg["data"] == "gold":
+            gold = cfg["data"] == "gold"
+            if gold:
                 from actors.prompt_templates import render_prompt
 
                 prompt, completion = render_prompt(tokenizer, cfg["template"], row["problem"]), row["solution"]
             else:
                 prompt, completion = row["prompt"], row["completion"]
-            ex = encode(tokenizer, prompt, completion, cfg["max_len"])
-            if ex is None:
+            # A demonstration ends its turn as the chat template does; a sample as it was generated.
+            ex, why = encode_row(tokenizer, prompt, completion, cfg["max_len"], close_turn=gold)
+            if dropped(why):
                 continue
             unit = {"ex": ex}
             if refs is not None:
                 key = (row["prompt_id"], row.get("sample_idx", 0))  # gold rows: one solution, sample_idx 0
                 unit["ref"] = _checked(_lookup(refs, key, cfg)["ref_completion"], ex, cfg)
         units.append(unit)
-    return units
+    counts["rows_used"] = len(units)
+    return units, counts
 
 
 def _reference_by_key(store, cfg) -> dict:
@@ -217,9 +235,12 @@ def train_loop(cfg: dict) -> dict:
     model_path = local_model_path(cfg["model_path"])  # a run-store model is copied to this node's cache
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    units = load_units(cfg, tokenizer)
+    units, counts = load_units_counted(cfg, tokenizer)
+    if rank == 0:
+        print(f"training data: {counts}", flush=True)
     if not units:
-        raise ValueError(f"{cfg['data_file']}: no training rows fit in max_len={cfg['max_len']}")
+        raise ValueError(f"{cfg['data_file']}: no training rows fit in max_len={cfg['max_len']} "
+                         f"(prompt + response tokens): {counts}")
     schedule = step_schedule(len(units), cfg["batch_size"], cfg["epochs"], cfg["seed"])
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     model.config.use_cache = False
@@ -229,7 +250,8 @@ def train_loop(cfg: dict) -> dict:
     start_step, history = _restore(engine, cfg, in_ray)
     metrics_log = MetricsLog(cfg, history, enabled=rank == 0)
     try:
-        _run_steps(cfg, engine, scheduler, units, schedule, start_step, metrics_log, rank, world, pad_id, in_ray)
+        _run_steps(cfg, engine, scheduler, units, schedule, start_step, metrics_log, rank, world, pad_id, in_ray,
+                   data_counts=counts)
         _export(engine, tokenizer, cfg, history, rank)
     except BaseException:
         metrics_log.close(final_write_errors="print")  # what was trained stays visible; the error wins
@@ -240,7 +262,7 @@ def train_loop(cfg: dict) -> dict:
 
 
 def _run_steps(cfg, engine, scheduler, units, schedule, start_step, metrics_log, rank, world, pad_id,
-               in_ray) -> None:
+               in_ray, data_counts: dict | None = None) -> None:
     objective = cfg["objective"]
     report_every = int(cfg.get("report_every") or 0)  # extra Ray Train reports between checkpoints; 0: none
     uses_pairs = OBJECTIVE_SPECS[objective].uses_pairs
@@ -277,7 +299,7 @@ def _run_steps(cfg, engine, scheduler, units, schedule, start_step, metrics_log,
         engine.step()
         metrics = _step_metrics(engine, scheduler, total_loss, agg, step, len(schedule), t0, objective,
                                 bool(cfg.get("reference_file")))
-        metrics.update(resumed_from_step=start_step, micro_batches_max=len(my_plan))
+        metrics.update(resumed_from_step=start_step, micro_batches_max=len(my_plan), **(data_counts or {}))
         tokens_seen += metrics["tokens"]
         metrics["tokens_per_s"] = round(tokens_seen / max(time.time() - t0, 1e-9), 1)
         if not math.isfinite(metrics["loss"]):

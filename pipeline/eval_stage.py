@@ -3,18 +3,20 @@ sample/verify stages, `eval.n` samples per problem, stored per sample and summar
 (avg@n with a bootstrap CI over problems, pass@k, response length, truncation)."""
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from pathlib import Path
 
+from actors.sampler import PROMPT_TOO_LONG
 from pipeline import toy_task
 from pipeline.metrics import summarize
 
 TOY_PREFIX = "toy:"
 
 
-VERSION = 1
+VERSION = 2  # 2: the sampler's stop tokens and skipped over-long prompts; summary counts skipped prompts
 # Engine settings of the sample section that eval uses too (they change eval's outputs).
-ENGINE_KEYS = ("max_model_len", "block_size", "gpus_per_engine", "num_engines", "gpu_memory_utilization")
+ENGINE_KEYS = ("max_model_len", "block_size", "gpus_per_engine", "num_engines", "gpu_memory_utilization", "stop")
 
 
 def registry_entry(registry_path: str, name: str) -> dict:
@@ -57,6 +59,11 @@ def summarize_judged(judged: list[dict], n: int) -> dict:
     summary["pass_at_k"] = {str(k): v for k, v in summary["pass_at_k"].items()}
     summary["avg_ci"] = list(summary["avg_ci"])
     summary["verdicts"] = {v: sum(r["verdict"] == v for r in judged) for v in sorted({r["verdict"] for r in judged})}
+    # Prompts with no room to generate within the engine's context (actors/sampler.py): their
+    # samples are scored wrong, so the problem count, and the scores, stay comparable.
+    skipped = [p for p, rs in zip(pids, rows) if rs and rs[0]["finish_reason"] == PROMPT_TOO_LONG]
+    summary["prompts_skipped_too_long"] = len(skipped)
+    summary["skipped_prompt_ids"] = skipped
     return summary
 
 
@@ -108,11 +115,13 @@ def run_eval(ctx, jobs: list, model_source):
                                        c.sample.block_size, ctx.log,
                                        after_block=lambda: kill_point(f"{ctx.stage.name}:block"))
     problems = jobs[0].problems
+    judge_start = time.time()
     samples = ctx.store.read_rows(*blocks[0])
     judged = judge_samples(samples, {p["prompt_id"]: p["gold"] for p in problems}, c.verify.num_tasks,
                            c.verify.deadline_s)
     summary = summarize_judged(judged, e.n)
     summary["sampling"] = sample_stats
+    summary["judge_s"] = round(time.time() - judge_start, 2)
     files = [f"{ctx.work_dir}/judged.parquet", f"{ctx.work_dir}/summary.json"]
     ctx.store.write_rows(files[0], judged)
     ctx.store.write_json(files[1], summary)

@@ -24,6 +24,10 @@ def base_model_external(base: str, seed: int) -> dict:
 
         build = toy_model_dir(seed)  # the build's name is the hash of its recipe and seed
         return {"location": {"toy_seed": seed}, "digest": f"toy:{build.name}"}
+    from pipeline import real_model
+
+    if base in real_model.BUILTIN:  # built here from a PyPI package, cached like the toy model
+        return {"location": {"builtin": base}, "digest": f"{base}:{real_model.model_dir().name}"}
     path = Path(base).expanduser()
     if path.is_dir():
         parts = []
@@ -70,16 +74,23 @@ def _hub_revision(repo_id: str, kind: str) -> str:
 
 
 def base_model_source(external: dict, store, log=print):
-    """What workers load the base model from. The toy model is built here (cached) and
-    copied into the run store, so workers on any node load it like a trained model; hub
-    ids and paths are handed on as they are (a local path must exist on every node)."""
+    """What workers load the base model from. The toy model and the built-in real models
+    (pipeline/real_model.py) are built here (cached) and copied into the run store, so
+    workers on any node load them like a trained model; hub ids and paths are handed on
+    as they are (a local path must exist on every node)."""
     location = external["location"]
-    if not (isinstance(location, dict) and "toy_seed" in location):
-        return location
-    from pipeline.toy_model import ensure_toy_model
+    if isinstance(location, dict) and "builtin" in location:
+        from pipeline.real_model import ensure_model
 
-    local = ensure_toy_model(location["toy_seed"], log=log)
-    prefix = f"models/toy/{local.name}"
+        local = ensure_model(location["builtin"], log=log)
+        prefix = f"models/{location['builtin']}/{local.name}"
+    elif isinstance(location, dict) and "toy_seed" in location:
+        from pipeline.toy_model import ensure_toy_model
+
+        local = ensure_toy_model(location["toy_seed"], log=log)
+        prefix = f"models/toy/{local.name}"
+    else:
+        return location
     present = store.file_sizes(prefix)
     files = {}
     for f in sorted(p for p in local.iterdir() if p.is_file()):

@@ -1,5 +1,12 @@
 """Connecting to Ray: the cluster of RAY_ADDRESS / `ray job submit` when there is one,
-a local Ray otherwise. Never starts a second Ray next to an existing cluster."""
+a local Ray otherwise. Never starts a second Ray next to an existing cluster.
+
+Placement: `ray.worker_resources` (custom resources such as {"gpu_worker": 0.01}) is
+asked for by every worker that loads a model: engine actors, reference scorers, train
+workers and the report's scoring tasks (`worker_remote_args`, `train_worker_resources`).
+Starting the nodes meant for that work with `ray start --resources='{"gpu_worker": 100}'`
+keeps it there, e.g. off a head node that runs the job's driver. An execution setting:
+it is in no stage's identity (the whole `ray` section is NO_OUTPUT_EFFECT)."""
 from __future__ import annotations
 
 import json
@@ -9,6 +16,8 @@ from actors.store import is_remote
 
 
 DRIVER_ENV_VARS = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+RESERVED_RESOURCES = ("CPU", "GPU", "TPU", "memory", "object_store_memory")  # each stage sets its own
+_worker_resources: dict[str, float] = {}  # ray.worker_resources of this driver, set by connect()
 
 
 def _job_env_vars() -> dict:
@@ -23,9 +32,16 @@ def _job_env_vars() -> dict:
     return (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
 
 
-def connect(address: str | None = None, num_cpus: int | None = None, log=print) -> None:
+def connect(address: str | None = None, num_cpus: int | None = None, log=print,
+            worker_resources: dict[str, float] | None = None) -> None:
     import ray
 
+    reserved = sorted(set(worker_resources or {}) & set(RESERVED_RESOURCES))
+    if reserved:
+        raise SystemExit(f"ray.worker_resources: {', '.join(reserved)} is requested by each stage itself "
+                         f"(train.use_gpu, sample.gpus_per_engine); name custom resources only")
+    _worker_resources.clear()
+    _worker_resources.update(worker_resources or {})
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -38,6 +54,26 @@ def connect(address: str | None = None, num_cpus: int | None = None, log=print) 
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env)
         log(f"started a local Ray ({ray.cluster_resources().get('CPU', 0):.0f} CPUs)")
     ray.data.DataContext.get_current().enable_progress_bars = False
+    if _worker_resources:
+        offered = ray.cluster_resources()
+        missing = sorted(k for k in _worker_resources if k not in offered)
+        log(f"model-loading workers ask for {_worker_resources}"
+            + (f"; no node offers {', '.join(missing)} yet: they wait until one does (ray start --resources=...)"
+               if missing else ""))
+
+
+def worker_remote_args() -> dict:
+    """Extra Ray options for a task or actor that loads a model: {"resources":
+    ray.worker_resources} when that is set, else {}."""
+    return {"resources": dict(_worker_resources)} if _worker_resources else {}
+
+
+def train_worker_resources(use_gpu: bool) -> dict | None:
+    """ScalingConfig.resources_per_worker: Ray Train's default (one CPU, or one GPU) plus
+    ray.worker_resources; None (Ray Train's default) when those are not set."""
+    if not _worker_resources:
+        return None
+    return {**({"GPU": 1} if use_gpu else {"CPU": 1}), **_worker_resources}
 
 
 def check_shared_storage(run_dir: str) -> None:

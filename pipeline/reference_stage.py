@@ -4,8 +4,9 @@ by Ray Data actors and stored, so training never holds a second model."""
 from __future__ import annotations
 
 from pipeline.external import base_model_source
+from pipeline.ray_session import worker_remote_args
 
-VERSION = 1
+VERSION = 2  # 2: rows over max_len dropped (not cut); gold solutions end with the end-of-turn token
 
 
 def run_reference(ctx):
@@ -28,7 +29,7 @@ def run_reference(ctx):
             ds = ray.data.from_items(items)
             ds = ds.map_batches(ReferenceScorer, fn_constructor_args=(model, c.train.max_len, targets),
                                 fn_constructor_kwargs={"template": template}, batch_size=64, concurrency=1,
-                                num_cpus=1, num_gpus=1 if c.train.use_gpu else None)
+                                num_cpus=1, num_gpus=1 if c.train.use_gpu else None, **worker_remote_args())
             scored = [{k: r[k] for k in keys + [f"ref_{t}" for t in targets]} for r in ds.iter_rows()]
         for r in scored:
             for t in targets:

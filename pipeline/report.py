@@ -8,6 +8,7 @@ import io
 import json
 
 from pipeline.metrics import summarize
+from pipeline.ray_session import worker_remote_args
 
 PLOTS = ("accuracy.png", "pass_at_k.png", "training_curves.png", "token_prob_hist.png", "kl_to_reference.png",
          "dpo_pair_weights.png")
@@ -303,7 +304,7 @@ def token_probabilities(store, manifests: dict, bench: str, base_source, max_len
     for name, man in sorted(manifests.items()):
         if name.startswith("train/"):
             sources[name[len("train/"):]] = store_model_source(store.uri, man)
-    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(_score)
+    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0, **worker_remote_args())(_score)
     refs = {m: task.remote(src, max_len, [r["prompt"] for r in rows], [r["completion"] for r in rows])
             for m, src in sources.items()}
     return {m: [math.exp(x) for seq in ray.get(ref) for x in seq] for m, ref in refs.items()}

@@ -9,11 +9,12 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from actors.sampler import EngineSpec, VLLMSampler
+from actors.sampler import PROMPT_TOO_LONG, EngineSpec, VLLMSampler
 from pipeline.external import base_model_source
+from pipeline.ray_session import worker_remote_args
 from pipeline.runner import kill_point
 
-VERSION = 2
+VERSION = 3  # 3: stop tokens from the tokenizer, completions keep their stop token, over-long prompts skipped
 
 SAMPLE_SCHEMA = pa.schema([("prompt_id", pa.string()), ("sample_idx", pa.int32()), ("prompt", pa.string()),
                            ("completion", pa.string()), ("finish_reason", pa.string()), ("num_tokens", pa.int32())])
@@ -21,6 +22,13 @@ SAMPLE_SCHEMA = pa.schema([("prompt_id", pa.string()), ("sample_idx", pa.int32()
 
 # Test hook: a pause after each written block, so a test can stop a job mid-stage.
 TEST_BLOCK_DELAY_S = float(os.environ.get("VERIFINE_TEST_BLOCK_DELAY_S", "0"))
+
+
+MAX_NAMED = 100  # skipped prompt ids named in stats (all are counted)
+
+
+def _skipped_prompt_ids(rows: list[dict]) -> list[str]:
+    return sorted({r["prompt_id"] for r in rows if r["finish_reason"] == PROMPT_TOO_LONG})
 
 
 def block_path(work_dir: str, block_id: int) -> str:
@@ -45,7 +53,7 @@ def engine_spec(model_source, sample, dtype: str, seed: int, **sampling) -> Engi
     """An engine for `model_source` with the sample section's engine settings."""
     return EngineSpec(model=model_source, seed=seed, tensor_parallel=max(1, sample.gpus_per_engine),
                       gpu_memory_utilization=sample.gpu_memory_utilization, max_model_len=sample.max_model_len,
-                      dtype=dtype, **sampling)
+                      dtype=dtype, stop=tuple(sample.stop), **sampling)
 
 
 @dataclass
@@ -69,6 +77,10 @@ def sample_jobs(store, jobs: list[SampleJob], spec: EngineSpec, num_engines: int
              "blocks_resumed": len(blocks) - len(todo)}
     log(f"  {stats['prompts']} prompts in {len(blocks)} blocks; {stats['blocks_resumed']} already sampled")
     start, out_tokens = time.time(), 0
+    # Prompts too long for the engine's context: rows say so; counted (resumed blocks too), never fatal.
+    skipped = [pid for key in blocks if key not in set(todo)
+               for pid in _skipped_prompt_ids(store.read_rows(block_path(jobs[key[0]].work_dir, key[1])))]
+    generate_s: dict[int, float] = {}  # block -> seconds the engine spent generating it
     if todo:
         items = [{"block_id": k,
                   "prompt_ids": [p["prompt_id"] for p in blocks[j, b]],
@@ -78,16 +90,18 @@ def sample_jobs(store, jobs: list[SampleJob], spec: EngineSpec, num_engines: int
         # One block per batch: an actor's output for a block arrives complete.
         ds = ds.map_batches(VLLMSampler, fn_constructor_kwargs={"spec": spec.to_dict()}, batch_size=1,
                             concurrency=min(num_engines, len(items)), num_gpus=gpus_per_engine or None,
-                            num_cpus=1 if not gpus_per_engine else None)
+                            num_cpus=1 if not gpus_per_engine else None, **worker_remote_args())
         pending: dict[int, list[dict]] = {}
         expected = {k: len(blocks[key]) * spec.n for k, key in enumerate(todo)}
         done = 0
         for batch in ds.iter_rows():
             k = int(batch["block_id"])
             row = {c: batch[c] for c in SAMPLE_SCHEMA.names}
+            generate_s[k] = float(batch["seconds"])  # the actor's generate time for the block
             pending.setdefault(k, []).append(row)
             if len(pending[k]) == expected[k]:
                 rows = sorted(pending.pop(k), key=lambda r: (r["prompt_id"], r["sample_idx"]))
+                skipped += _skipped_prompt_ids(rows)
                 out_tokens += sum(r["num_tokens"] for r in rows)
                 j, b = todo[k]
                 store.write_rows(block_path(jobs[j].work_dir, b), rows, SAMPLE_SCHEMA)
@@ -101,7 +115,12 @@ def sample_jobs(store, jobs: list[SampleJob], spec: EngineSpec, num_engines: int
         if pending:
             raise RuntimeError(f"sampler returned incomplete blocks {sorted(todo[k] for k in pending)}")
     seconds = time.time() - start
-    stats.update({"seconds": round(seconds, 2), "output_tokens": out_tokens,
+    if skipped:
+        log(f"  {len(skipped)} prompt(s) skipped: no room to generate within the engine's max_model_len "
+            f"(e.g. {', '.join(skipped[:3])})")
+    stats.update({"prompts_skipped_too_long": len(skipped), "skipped_prompt_ids": skipped[:MAX_NAMED]})
+    stats.update({"seconds": round(seconds, 2), "generate_s": round(sum(generate_s.values()), 2),
+                  "output_tokens": out_tokens,
                   "output_tokens_per_s": round(out_tokens / seconds, 1) if todo and seconds else None})
     files = [[block_path(job.work_dir, b) for (j, b) in blocks if j == jn] for jn, job in enumerate(jobs)]
     return files, stats

@@ -1,15 +1,27 @@
-"""The pipeline as a Ray job: a real Ray head (with its job server) on loopback, jobs sent
-with the real `ray job submit` client, the way cluster/README.md tells people to run it.
-The job's driver runs on this machine, so a local run.dir is shared by driver and workers.
+"""The pipeline as a Ray job, sent with the real `ray job submit` client to real Ray nodes
+started with `ray start`, the way cluster/README.md tells people to run it, with Ray's
+token authentication on.
+
+- One node and a local run dir: the job's driver and its workers share the disk.
+- Two nodes and a run dir on an S3 API on loopback (a moto server): the second node has a
+  private, empty tmpfs over the model cache and the toy model's build directory (its own
+  mount namespace), so a path that exists only on the head, where the job's driver runs,
+  is missing there, as on a real cluster. A custom resource only the second node offers
+  (`ray.worker_resources`) places the engine actors, the train workers and the report's
+  scoring tasks there.
+
+Every node also runs in its own PID namespace: `ray stop` run inside it stops that node
+and nothing else on the machine (other Ray instances may share it), and killing the
+namespace's first process ends whatever is left.
 
 Also fast checks, with a faked `ray`, of the refusal to write a local run.dir from a
 multi-node cluster and of a job driver's ray.init not clashing with the job's env vars."""
 from __future__ import annotations
 
-from pipeline.manifests import read_manifest
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -18,11 +30,14 @@ import sys
 import tempfile
 import time
 import types
+import uuid
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
+
+from pipeline.manifests import is_complete, read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")  # the venv's: its job drivers find `verifine`
@@ -72,22 +87,28 @@ def test_single_node_cluster_accepts_local_run_dir(monkeypatch, tmp_path):
     check_shared_storage(str(tmp_path / "run"))
 
 
-def test_job_driver_leaves_the_jobs_env_vars_alone(monkeypatch):
-    """ray.init inside a job refuses a runtime_env setting an env var that the job's
-    runtime env sets too; cluster/runtime_env.yaml sets TOKENIZERS_PARALLELISM."""
+def _fake_ray_init(monkeypatch) -> list[dict]:
     import ray
 
-    from pipeline import ray_session
-
-    job_env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())["env_vars"]
-    assert "TOKENIZERS_PARALLELISM" in job_env
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0, "worker_node": 4.0})
     context = types.SimpleNamespace(enable_progress_bars=True)  # importing ray.data takes seconds
     monkeypatch.setattr(ray, "data", types.SimpleNamespace(DataContext=types.SimpleNamespace(
         get_current=lambda: context)), raising=False)
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    return calls
+
+
+def test_job_driver_leaves_the_jobs_env_vars_alone(monkeypatch):
+    """ray.init inside a job refuses a runtime_env setting an env var that the job's
+    runtime env sets too; cluster/runtime_env.yaml sets TOKENIZERS_PARALLELISM."""
+    from pipeline import ray_session
+
+    job_env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())["env_vars"]
+    assert "TOKENIZERS_PARALLELISM" in job_env
+    calls = _fake_ray_init(monkeypatch)
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"env_vars": job_env}}))
     ray_session.connect(log=lambda *_: None)
     (kw,) = calls
@@ -99,7 +120,31 @@ def test_job_driver_leaves_the_jobs_env_vars_alone(monkeypatch):
     assert calls[1]["runtime_env"]["env_vars"] == ray_session.DRIVER_ENV_VARS
 
 
-# ---- a real Ray head and its job server -------------------------------------------------
+def test_worker_resources_reach_model_loading_workers_only_when_set(monkeypatch):
+    """ray.worker_resources: custom resources added to the requests of every worker that
+    loads a model; nothing changes when it is not set; CPU/GPU stay the stages' own."""
+    from pipeline import ray_session
+    from pipeline.config import identity_dump, load_config
+
+    _fake_ray_init(monkeypatch)
+    logged = []
+    ray_session.connect(log=logged.append)
+    assert ray_session.worker_remote_args() == {} and ray_session.train_worker_resources(False) is None
+    cfg = load_config(None, ["ray.worker_resources={worker_node: 0.01}"])
+    ray_session.connect(log=logged.append, worker_resources=cfg.ray.worker_resources)
+    assert ray_session.worker_remote_args() == {"resources": {"worker_node": 0.01}}
+    assert ray_session.train_worker_resources(False) == {"CPU": 1, "worker_node": 0.01}
+    assert ray_session.train_worker_resources(True) == {"GPU": 1, "worker_node": 0.01}
+    assert "worker_node" in logged[-1]
+    # an execution setting: no stage's identity sees it
+    assert identity_dump(cfg, "") == identity_dump(load_config(None, []), "")
+    with pytest.raises(SystemExit, match="GPU"):
+        ray_session.connect(log=logged.append, worker_resources={"GPU": 1.0})
+    ray_session.connect(log=logged.append)
+    assert ray_session.worker_remote_args() == {}
+
+
+# ---- real Ray nodes, each in its own PID and mount namespaces ----------------------------
 
 
 def _free_ports(n: int) -> list[int]:
@@ -114,107 +159,232 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def _env() -> dict:
-    """For the head and every client call: this cluster only (no RAY_ADDRESS from outside),
-    the venv's tools on PATH, and token auth off on both sides. Ray turns token auth on
-    by itself when it finds a token in ~/.ray, and the job CLI then fails without one:
-    a throwaway loopback cluster must not depend on what some earlier Ray left there."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+def _namespaces_unavailable() -> str | None:
+    """Why the nodes cannot get their own namespaces here (None: they can)."""
+    for tool in ("unshare", "nsenter", "mount"):
+        if not shutil.which(tool):
+            return f"needs `{tool}` (util-linux)"
+    out = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", "sh", "-c",
+                          "mount -t tmpfs probe /mnt"], capture_output=True, text=True, timeout=30)
+    if out.returncode:
+        return f"cannot create PID and mount namespaces (needs root): {out.stderr.strip()[:200]}"
+    return None
+
+
+def _base_env() -> dict:
+    """For every node and client call: this cluster only (no RAY_ADDRESS or token from
+    outside), the venv's tools on PATH, no S3 settings but the ones a test gives."""
+    drop = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "AWS_ENDPOINT_URL",
+            "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+            "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
     return env
 
 
-def _ray(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run([RAY, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=_env())
+class RayNode:
+    """`ray start --block ARGS` in new PID and mount namespaces. `private_dirs` are covered
+    by an empty tmpfs that only this node's processes see."""
+
+    def __init__(self, name: str, args: list[str], env: dict, temp_dir: Path, private_dirs=()):
+        self.name, self.temp_dir = name, temp_dir
+        self.log_path = temp_dir / f"{name}.log"
+        mounts = "".join(f"mount -t tmpfs {name}-private {shlex.quote(str(d))} && " for d in private_dirs)
+        cmd = ["unshare", "--pid", "--fork", "--mount-proc", "--propagation", "private", "--kill-child",
+               "sh", "-c", mounts + 'exec "$@"', "sh", RAY, "start", "--block", *args]
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        self._init: int | None = None
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def init_pid(self) -> int | None:
+        """This machine's pid of the namespace's first process (the one unshare forked)."""
+        import psutil
+
+        if self._init is None:
+            deadline = time.time() + 10
+            while self._init is None and self.alive() and time.time() < deadline:
+                try:
+                    children = psutil.Process(self.proc.pid).children()
+                except psutil.NoSuchProcess:
+                    break
+                if children:
+                    self._init = children[0].pid
+                else:
+                    time.sleep(0.05)
+        return self._init
+
+    def run_inside(self, *cmd: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+        """Run a command in this node's namespaces (its view of the files, its processes)."""
+        pid = self.init_pid()
+        assert pid, f"node {self.name} is not running:\n{self.log_tail()}"
+        return subprocess.run(["nsenter", "-t", str(pid), "--pid", "--mount", "--", *cmd], cwd=REPO,
+                              capture_output=True, text=True, timeout=timeout, env=env or _base_env())
+
+    def stop(self) -> None:
+        """`ray stop` inside the node's namespaces, then SIGKILL to the namespace's first
+        process, which takes anything still in the namespace with it."""
+        pid = self.init_pid() if self.alive() else None
+        if pid:
+            env = {**_base_env(), "RAY_TMPDIR": str(self.temp_dir)}  # it resets *this* cluster's address file
+            try:
+                self.run_inside(RAY, "stop", "--grace-period", "10", timeout=60, env=env)
+            except (subprocess.TimeoutExpired, AssertionError):
+                pass
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # unshare --kill-child: its child, the namespace, goes with it
+            self.proc.wait()
+
+
+class Cluster:
+    """Ray nodes on loopback with token authentication, every port chosen free and a
+    private temp dir (short: Ray's socket paths must stay under 108 bytes), so this runs
+    beside other Ray instances on the same machine.
+
+    The token is made the documented way, `ray get-auth-token --generate`, with HOME at a
+    private directory (never the user's ~/.ray/auth_token): the head reads it through
+    RAY_AUTH_TOKEN_PATH, other nodes get its value in RAY_AUTH_TOKEN, and the client
+    reads it from its default place, ~/.ray/auth_token; all of them set RAY_AUTH_MODE=token."""
+
+    def __init__(self, node_env: dict | None = None):
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="vf-ray-"))
+        self.home = self.temp_dir / "home"
+        self.home.mkdir()
+        self.node_env = node_env or {}
+        self.nodes: list[RayNode] = []
+        env = {**_base_env(), "HOME": str(self.home)}
+        subprocess.run([RAY, "get-auth-token", "--generate"], env=env, capture_output=True, check=True, timeout=120)
+        self.token_file = self.home / ".ray" / "auth_token"
+        self.token = self.token_file.read_text().strip()
+        assert self.token
+
+    def client_env(self) -> dict:
+        return {**_base_env(), "HOME": str(self.home), "RAY_AUTH_MODE": "token"}
+
+    def start_head(self, num_cpus: int) -> None:
+        self.gcs_port, dash, client, agent = _free_ports(4)
+        self.gcs = f"127.0.0.1:{self.gcs_port}"
+        self.dashboard = f"http://127.0.0.1:{dash}"
+        env = {**_base_env(), **self.node_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_file)}
+        head = RayNode("head", [
+            "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}", f"--num-cpus={num_cpus}",
+            "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+            f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}", "--min-worker-port=0",
+            "--max-worker-port=0", "--object-store-memory=300000000", f"--temp-dir={self.temp_dir / 'h'}",
+            "--disable-usage-stats"], env, self.temp_dir)
+        self.nodes.append(head)
+        deadline = time.time() + 180
+        while True:
+            assert head.alive(), f"ray start --head exited {head.proc.returncode}:\n{head.log_tail()}"
+            if _ray("job", "list", "--address", self.dashboard, env=self.client_env(), timeout=60,
+                    check=False).returncode == 0:
+                return
+            assert time.time() < deadline, f"the job server never came up:\n{head.log_tail()}"
+            time.sleep(2)
+
+    def add_node(self, name: str, num_cpus: int, resources: dict, private_dirs=()) -> RayNode:
+        (agent,) = _free_ports(1)
+        env = {**_base_env(), **self.node_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+        node = RayNode(name, [
+            f"--address={self.gcs}", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--num-gpus=0",
+            f"--resources={json.dumps(resources)}", f"--dashboard-agent-listen-port={agent}",
+            "--min-worker-port=0", "--max-worker-port=0", "--object-store-memory=300000000",
+            f"--temp-dir={self.temp_dir / name}", "--disable-usage-stats"], env, self.temp_dir, private_dirs)
+        self.nodes.append(node)
+        return node
+
+    def state(self, kind: str, *filters: str) -> list[dict]:
+        """`ray list <kind>` (the state API, through the job server), as dicts."""
+        args = ["list", kind, "--address", self.gcs, "--format", "json", "--limit", "10000", "--detail"]
+        for f in filters:
+            args += ["--filter", f]
+        return json.loads(_ray(*args, env=self.client_env(), timeout=120).stdout)
+
+    def wait_for_nodes(self, n: int, timeout: float = 180) -> list[dict]:
+        deadline = time.time() + timeout
+        while True:
+            for node in self.nodes:
+                assert node.alive(), f"node {node.name} exited {node.proc.returncode}:\n{node.log_tail()}"
+            try:
+                alive = self.state("nodes", "state=ALIVE")
+            except AssertionError:
+                alive = []
+            if len(alive) >= n:
+                return alive
+            assert time.time() < deadline, f"only {len(alive)} of {n} nodes joined"
+            time.sleep(2)
+
+    def stop(self) -> None:
+        """`ray stop` on every node (the workers first), whatever happened."""
+        for node in reversed(self.nodes):
+            node.stop()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _ray(*args: str, env: dict, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    out = subprocess.run([RAY, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     if check and out.returncode != 0:
         raise AssertionError(f"ray {' '.join(args)} exited {out.returncode}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return out
 
 
-def _stop_head(proc: subprocess.Popen) -> None:
-    """Stop this head and everything it started, by process id. Not `ray stop`: that kills
-    every Ray on the machine, including a test session's own local Ray next to this one."""
-    import psutil
-
-    def tree():
-        try:
-            root = psutil.Process(proc.pid)
-            return [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
-
-    procs = {p.pid: p for p in tree()}
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)  # `ray start --block` shuts its processes down
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-    for p in procs.values():  # stragglers: workers, job drivers, engine processes
-        try:
-            if p.is_running():  # same pid *and* start time: never a recycled pid
-                p.kill()
-        except psutil.Error:
-            pass
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.fixture
 def ray_head(toy_model):
-    """A Ray head on loopback with its dashboard (the job server). Every port is chosen
-    free, and the temp dir is private (and short: Ray's socket paths must stay under
-    108 bytes), so this runs beside other Ray instances on the same machine."""
-    gcs, dash, client, agent = _free_ports(4)
-    temp_dir = tempfile.mkdtemp(prefix="vf-ray-")
-    log_path = Path(temp_dir) / "ray-start.log"
-    cmd = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2",
-           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-           f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
-           "--object-store-memory=500000000", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
+    """A one-node cluster: a Ray head with its job server."""
+    reason = _namespaces_unavailable()
+    if reason:
+        pytest.skip(reason)
+    cluster = Cluster()
     try:
-        deadline = time.time() + 180
-        while True:
-            assert proc.poll() is None, f"ray start exited {proc.returncode}:\n{log_path.read_text()[-3000:]}"
-            if _ray("job", "list", "--address", address, timeout=60, check=False).returncode == 0:
-                break
-            assert time.time() < deadline, f"the job server never came up:\n{log_path.read_text()[-3000:]}"
-            time.sleep(2)
-        yield address
+        cluster.start_head(num_cpus=2)
+        yield cluster
     finally:
-        _stop_head(proc)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        cluster.stop()
 
 
-def _runtime_env() -> str:
+def _runtime_env(env_vars: dict | None = None) -> str:
     """cluster/runtime_env.yaml as shipped, less its pip step (it installs the `gpu`
     extra, vLLM for CUDA, which cannot install here; this venv has the rest)."""
     env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
     env.pop("pip", None)
     env["working_dir"] = str(REPO)
+    env["env_vars"] = {**env.get("env_vars", {}), **(env_vars or {})}
     return json.dumps(env)
 
 
 class Jobs:
-    def __init__(self, address: str):
-        self.address, self.n = address, 0
+    """The `ray job` client, with the token the documented way (RAY_AUTH_MODE=token and
+    ~/.ray/auth_token)."""
+
+    def __init__(self, cluster: Cluster):
+        self.address, self.env, self.n = cluster.dashboard, cluster.client_env(), 0
+
+    def _ray(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+        return _ray(*args, env=self.env, timeout=timeout, check=check)
 
     def submit(self, *entrypoint: str) -> str:
         self.n += 1
         job_id = f"verifine-test-{os.getpid()}-{self.n}"
-        _ray("job", "submit", "--address", self.address, "--submission-id", job_id, "--runtime-env-json",
-             _runtime_env(), "--no-wait", "--", *entrypoint, timeout=300)
+        self._ray("job", "submit", "--address", self.address, "--submission-id", job_id, "--runtime-env-json",
+                  _runtime_env(), "--no-wait", "--", *entrypoint, timeout=300)
         return job_id
 
     def wait(self, job_id: str, timeout: float = 900) -> str:
         """Follow the job's logs to its end; return its final status."""
-        _ray("job", "logs", job_id, "--address", self.address, "--follow", timeout=timeout, check=False)
+        self._ray("job", "logs", job_id, "--address", self.address, "--follow", timeout=timeout, check=False)
         for _ in range(30):
             status = self.status(job_id)
             if status in ("SUCCEEDED", "FAILED", "STOPPED"):
@@ -223,7 +393,7 @@ class Jobs:
         return status
 
     def status(self, job_id: str) -> str:
-        out = _ray("job", "status", job_id, "--address", self.address, timeout=120).stdout
+        out = self._ray("job", "status", job_id, "--address", self.address, timeout=120).stdout
         for pattern, status in ((r"Job '[^']+' succeeded", "SUCCEEDED"), (r"Job '[^']+' failed", "FAILED"),
                                 (r"Job '[^']+' was stopped", "STOPPED")):
             if re.search(pattern, out):
@@ -233,10 +403,10 @@ class Jobs:
         return m.group(1)
 
     def logs(self, job_id: str) -> str:
-        return _ray("job", "logs", job_id, "--address", self.address, timeout=120).stdout
+        return self._ray("job", "logs", job_id, "--address", self.address, timeout=120).stdout
 
     def stop(self, job_id: str) -> None:
-        _ray("job", "stop", job_id, "--address", self.address, timeout=120)
+        self._ray("job", "stop", job_id, "--address", self.address, timeout=120)
 
     def run(self, *entrypoint: str) -> str:
         job_id = self.submit(*entrypoint)
@@ -257,6 +427,11 @@ def test_pipeline_as_ray_job(ray_head, tmp_path):
     jobs = Jobs(ray_head)
     run_dir = tmp_path / "run"
     t0 = time.time()
+
+    # 0. Token authentication is on: a client without the token is turned away.
+    anonymous = {**_base_env(), "HOME": str(tmp_path), "RAY_AUTH_MODE": "disabled"}
+    out = _ray("job", "list", "--address", ray_head.dashboard, env=anonymous, check=False)
+    assert out.returncode != 0 and "Authentication required" in out.stdout + out.stderr, out.stdout + out.stderr
 
     # 1. The whole reduced pipeline as a job.
     logs = jobs.run("verifine", "run", f"run.dir={run_dir}", *SMALL)
@@ -306,7 +481,7 @@ def test_pipeline_as_ray_job(ray_head, tmp_path):
     assert jobs.wait(job_id, timeout=120) == "STOPPED"
     time.sleep(2)  # the driver's process group is gone; nothing writes any more
     store = RunStore(str(run2))
-    assert read_manifest(store, "sample") is None, "a stopped stage must not look complete"
+    assert not is_complete(read_manifest(store, "sample")), "a stopped stage must not look complete"
     before = list(run2.glob("sample/parts-*/block-*.parquet"))
     assert 1 <= len(before) < prompts // block, f"stopped too late to test resuming ({len(before)} blocks)"
     logs = jobs.run(*cmd)
@@ -318,3 +493,221 @@ def test_pipeline_as_ray_job(ray_head, tmp_path):
     assert len(rows) == len(keys) == prompts * n and max(keys.values()) == 1
     assert {k[1] for k in keys} == set(range(n))
     print(f"[cluster test] total {time.time() - t0:.0f}s")
+
+
+# ---- two nodes, a run dir on S3 -----------------------------------------------------------
+
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+# Execution-only settings keep the run small: checkpoints every step (so a stop lands
+# after one), a small KV cache, placement on the worker node.
+SMALL_S3 = ["data.toy_count=16", "sample.block_size=8", "sample.gpu_memory_utilization=0.05",
+            "train.objectives=[rft]", "train.batch_size=4", "train.epochs=1.0", "train.checkpoint_every=1",
+            "eval.limit=8", "eval.n=2", "ray.worker_resources={worker_node: 0.01}"]
+WORKER_RESOURCES = {"worker_node": 4}
+
+
+def _node_model_dirs() -> list[Path]:
+    """The local directories where a stage puts models: the model cache and the toy
+    model's build directory (both under VERIFINE_CACHE unless set apart)."""
+    from actors.model_cache import default_cache_root
+
+    base = Path(os.environ.get("VERIFINE_CACHE", Path.home() / ".cache" / "verifine"))
+    dirs = [base]
+    cache = default_cache_root()
+    if base not in cache.parents and cache != base:
+        dirs.append(cache)
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)  # a mount point must exist
+    return dirs
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch):
+    """A fresh bucket on the loopback S3 server; this process reaches it through the
+    standard AWS environment variables, as the nodes do."""
+    import pyarrow.fs as pafs
+
+    for k, v in {"AWS_ENDPOINT_URL": s3_server, **S3_KEYS}.items():
+        monkeypatch.setenv(k, v)
+    for k in ("AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    bucket = f"vf-{uuid.uuid4().hex[:12]}"
+    admin = pafs.S3FileSystem(endpoint_override=s3_server, access_key="testing", secret_key="testing",
+                              region="us-east-1", scheme="http", allow_bucket_creation=True)
+    admin.create_dir(bucket)
+    return bucket
+
+
+@pytest.fixture
+def two_nodes(toy_model, s3_server):
+    """A head (runs the job's driver) and a worker node offering WORKER_RESOURCES, with
+    its own empty model directories; both get the S3 endpoint and keys from the standard
+    AWS variables in their environment, as an instance profile would."""
+    reason = _namespaces_unavailable()
+    if reason:
+        pytest.skip(reason)
+    cluster = Cluster(node_env={"AWS_ENDPOINT_URL": s3_server, **S3_KEYS})
+    try:
+        cluster.start_head(num_cpus=1)
+        cluster.worker = cluster.add_node("w", num_cpus=2, resources=WORKER_RESOURCES,
+                                          private_dirs=_node_model_dirs())
+        cluster.wait_for_nodes(2)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _objects(bucket: str) -> dict[str, int]:
+    """Every object in the bucket: key -> size."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(f"s3://{bucket}")
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    return {i.path[len(root) + 1:]: i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def _cache_entries(node: RayNode, cache: Path) -> set[str]:
+    out = node.run_inside("find", str(cache), "-mindepth", "1", "-maxdepth", "1", "-type", "d")
+    return {Path(line).name for line in out.stdout.split()}
+
+
+def _checkpoint_snapshot(store, train_work_dir: str) -> bytes | None:
+    """Ray Train's record of the checkpoints it registered (the files alone may be in the
+    bucket before that, and a stop then rightly starts over)."""
+    try:
+        return store.read_bytes(f"{train_work_dir}/ray/ray-train/checkpoint_manager_snapshot.json")
+    except (OSError, FileNotFoundError):
+        return None
+
+
+def _registered(snapshot: bytes | None) -> bool:
+    try:
+        return snapshot is not None and json.loads(snapshot).get("latest_checkpoint_result") is not None
+    except ValueError:
+        return False
+
+
+@pytest.mark.slow
+def test_two_node_cluster_runs_a_pipeline_on_s3(two_nodes, s3_bucket, toy_model, tmp_path):
+    from actors.model_cache import cache_key, default_cache_root, materialize_model
+    from actors.model_source import store_model_source
+    from actors.store import RunStore
+
+    cluster, worker = two_nodes, two_nodes.worker
+    jobs = Jobs(cluster)
+    run_uri = f"s3://{s3_bucket}/runs/toy"
+    store = RunStore(run_uri, create=False)
+    cache = default_cache_root()
+    run = ("verifine", "run", f"run.dir={run_uri}", *SMALL_S3)
+    t0 = time.time()
+
+    # 0. The cluster as built: tokens required; the worker node cannot see the head's models.
+    anonymous = {**_base_env(), "HOME": str(tmp_path), "RAY_AUTH_MODE": "disabled"}
+    out = _ray("job", "list", "--address", cluster.dashboard, env=anonymous, check=False)
+    assert out.returncode != 0 and "Authentication required" in out.stdout + out.stderr, out.stdout + out.stderr
+    assert Path(toy_model, "config.json").is_file()
+    assert worker.run_inside("test", "-e", str(Path(toy_model, "config.json"))).returncode == 1, \
+        "the worker node sees the head's toy model: its model directories are not private"
+    nodes = {n["node_id"]: n for n in cluster.state("nodes", "state=ALIVE")}
+    (head_id,) = [i for i, n in nodes.items() if n["is_head_node"]]
+    (worker_id,) = [i for i, n in nodes.items() if "worker_node" in (n.get("resources_total") or {})]
+
+    # 1. The whole reduced pipeline as a job, its run dir in the bucket.
+    logs = jobs.run(*run, "eval.benchmarks=[toy_id]")
+    print(f"\n[two-node test] first job: {time.time() - t0:.0f}s;",
+          "; ".join(f"{a} {b}" for a, b in re.findall(r"\[([\w/]+)\] done in ([\d.]+s)", logs)))
+    assert "connected to Ray cluster" in logs
+    first = stage_lines(logs)
+    stages = {"prompts", "sample", "verify", "train/rft", "eval/base/toy_id", "eval/rft/toy_id", "report"}
+    assert set(first) == stages and set(first.values()) == {"running"}, first
+    objects = _objects(s3_bucket)
+    for stage in stages:
+        assert is_complete(read_manifest(store, stage)), stage
+        assert f"runs/toy/{stage}/manifest.json" in objects, stage
+        assert all(f"runs/toy/{f}" in objects for f in read_manifest(store, stage)["files"]), stage
+    for stage in ("prompts", "sample", "verify", "eval/base/toy_id", "eval/rft/toy_id"):
+        assert any(re.match(rf"runs/toy/{stage}/parts-\w+/.*\.parquet$", k) for k in objects), stage
+    assert any(re.match(r"runs/toy/models/toy/[^/]+/model\.safetensors$", k) for k in objects), "base model"
+    assert any(re.match(r"runs/toy/train/rft/parts-\w+/model/model\.safetensors$", k) for k in objects)
+    assert any(re.match(r"runs/toy/train/rft/parts-\w+/ray/ray-train/checkpoint_", k) for k in objects), \
+        "Ray Train's checkpoints belong in the run dir"
+    assert not (REPO / "s3:").exists(), "an s3:// run dir was taken for a local path"
+    # The driver ran on the head; whatever loaded a model ran on the worker node.
+    (job,) = [j for j in cluster.state("jobs") if j.get("submission_id") == f"verifine-test-{os.getpid()}-1"]
+    assert job["driver_node_id"] == head_id, job
+    actors = cluster.state("actors")
+    engines = [a for a in actors if "VLLMSampler" in f"{a.get('class_name')} {a.get('repr_name')}"]
+    trainers = [a for a in actors if a.get("class_name") == "RayTrainWorker"]
+    assert len(engines) >= 3 and len(trainers) == 2, (len(engines), len(trainers))  # sample, 2 evals; 2 ranks
+    assert {a["node_id"] for a in engines + trainers} == {worker_id}, "model-loading actors ran on the head"
+    scorers = cluster.state("tasks", "name=_score")
+    assert scorers and {t["node_id"] for t in scorers} == {worker_id}
+    # ... and copied the models it needed from the bucket into its own cache.
+    rft_model = store_model_source(run_uri, read_manifest(store, "train/rft"))
+    rft_key = cache_key(rft_model["files"])
+    on_worker = _cache_entries(worker, cache)
+    assert rft_key in on_worker and len(on_worker) >= 2, on_worker  # the base and the trained model
+    assert not (cache / rft_key).exists(), "the trained model was copied to the head"
+
+    # 2. The same job again: nothing to do.
+    t1 = time.time()
+    logs = jobs.run(*run, "eval.benchmarks=[toy_id]")
+    print(f"[two-node test] cached job: {time.time() - t1:.0f}s")
+    assert stage_lines(logs) == {s: "cached" for s in stages}
+    assert f"finished: 0 stage(s) ran, {len(stages)} cached" in logs
+
+    # 3. Retrain, stopped with `ray job stop` once Ray Train registered a checkpoint in the
+    #    bucket. A test hook pauses after each step so the stop lands mid-training.
+    t2 = time.time()
+    work_dir = read_manifest(store, "train/rft")["work_dir"]  # --force keeps the identity, so the work dir
+    done_before = _checkpoint_snapshot(store, work_dir)     # the finished run's record, deleted by --force
+    job_id = jobs.submit("env", "VERIFINE_TEST_STEP_DELAY_S=8", *run[:2], "--force", "train/rft", *run[2:],
+                         "eval.benchmarks=[toy_id]")
+    deadline, next_check = time.time() + 600, time.time() + 15
+    while True:
+        snapshot = _checkpoint_snapshot(store, work_dir)
+        if snapshot != done_before and _registered(snapshot):
+            break
+        assert time.time() < deadline, "training never registered a checkpoint"
+        if time.time() > next_check:  # a job that died early: fail now, with its logs
+            status, next_check = jobs.status(job_id), time.time() + 15
+            assert status in ("PENDING", "RUNNING"), f"{status}:\n{jobs.logs(job_id)[-4000:]}"
+        time.sleep(0.5)
+    jobs.stop(job_id)
+    assert jobs.wait(job_id, timeout=120) == "STOPPED"
+    time.sleep(2)
+    assert not is_complete(read_manifest(store, "train/rft")), "a stopped stage must not look complete"
+    assert not store.exists(f"{work_dir}/model/model.safetensors"), "stopped too late to test resuming"
+    print(f"[two-node test] retrain stopped after {time.time() - t2:.0f}s")
+
+    # 4. The worker node loses its model cache; the run goes on with a new benchmark:
+    #    training resumes from the bucket, every model is copied to the node again.
+    worker.run_inside("find", str(cache), "-mindepth", "1", "-delete")
+    assert not _cache_entries(worker, cache)
+    t3 = time.time()
+    logs = jobs.run(*run, "eval.benchmarks=[toy_id,toy_harder]")
+    print(f"[two-node test] resumed job: {time.time() - t3:.0f}s")
+    states = stage_lines(logs)
+    assert {s: states[s] for s in ("prompts", "sample", "verify")} == dict.fromkeys(("prompts", "sample", "verify"),
+                                                                                  "cached")
+    assert states["train/rft"] == states["eval/base/toy_harder"] == states["eval/rft/toy_harder"] == "running"
+    assert states["eval/base/toy_id"] == "cached"
+    manifest = read_manifest(store, "train/rft")
+    assert is_complete(manifest) and manifest["work_dir"] == work_dir
+    metrics = [json.loads(line) for line in store.read_bytes(f"{work_dir}/metrics.jsonl").decode().splitlines() if line]
+    assert [m["step"] for m in metrics] == list(range(1, len(metrics) + 1))
+    assert metrics[-1]["resumed_from_step"] > 0, "training started over instead of resuming from the bucket"
+    # The final model is complete: every file its manifest records, with its checksum.
+    rft_model = store_model_source(run_uri, manifest)
+    local = Path(materialize_model(run_uri, rft_model["files"], cache_root=str(tmp_path / "check")))
+    from safetensors.numpy import load_file
+
+    trained, base = load_file(local / "model.safetensors"), load_file(Path(toy_model) / "model.safetensors")
+    assert {k: v.shape for k, v in trained.items()} == {k: v.shape for k, v in base.items()}
+    for bench in ("toy_harder", "toy_id"):
+        for model in ("base", "rft"):
+            assert is_complete(read_manifest(store, f"eval/{model}/{bench}")), (model, bench)
+    assert is_complete(read_manifest(store, "report"))
+    assert cache_key(rft_model["files"]) in _cache_entries(worker, cache), "the trained model was not copied again"
+    print(f"[two-node test] total {time.time() - t0:.0f}s")

@@ -8,6 +8,8 @@ from pipeline.config import (CONFIG_DIR, DEFAULT_CONFIG, NO_OUTPUT_EFFECT, OBJEC
                              config_from_dict, identity_dump, leaf_keys, load_config, parse_override)
 from pipeline.sources import SourceSpec
 
+REPO = CONFIG_DIR.parent
+
 SECTIONS = ("run", "ray", "model", "data", "sample", "verify", "train", "eval")
 
 
@@ -388,3 +390,28 @@ def test_cli_fails_before_work_on_bad_config_or_stage(tmp_path, capsys):
     assert main(["run", "--force", "trian", f"run.dir={run_dir}"]) == 2
     assert "no stage named 'trian'" in capsys.readouterr().err
     assert not run_dir.exists(), "nothing may be written before the config is valid"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.checkpoint_every=0", "train.checkpoint_every"), ("train.beta=0", "train.beta"),
+    ("train.epochs=0", "train.epochs"), ("train.micro_batch_tokens=0", "train.micro_batch_tokens"),
+    ("eval.limit=0", "eval.limit"), ("data.source={name: x, path: /nonexistent/prompts.jsonl}", "data.source"),
+    ("model.base=/nonexistent/model-dir", "model.base"), ("train.data={dpo: gold}", "train.data.dpo"),
+])
+def test_bad_values_fail_in_one_line_before_ray_starts(override, key, tmp_path, monkeypatch):
+    """A user error is one line on stderr naming the file and the key, exit 2, no
+    traceback, nothing written, and Ray never started (the CLI runs in this process)."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", override, f"run.dir={run_dir}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and key in err[0] and "toy.yaml" in err[0], err
+    assert "Traceback" not in proc.stderr and "started a local Ray" not in proc.stdout
+    assert not run_dir.exists()
+    debug = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--debug", override, f"run.dir={run_dir}"],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr

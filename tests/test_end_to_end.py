@@ -104,7 +104,8 @@ def test_second_run_is_all_cached_and_report_rebuilds(finished_run):
     assert set(run_pipeline(cfg).values()) == {"cached"}
     before = json.loads(store.read_bytes("report/report.json"))["eval"]
     assert main(["report", cfg.run.dir]) == 0
-    assert json.loads(store.read_bytes("report/report.json"))["eval"] == before
+    rebuilt = json.loads(store.read_bytes("report/rebuilt/report.json"))
+    assert rebuilt["eval"] == before and rebuilt["excluded"] == []
 
 
 def test_status_prints_the_stage_table(finished_run, capsys):
@@ -113,7 +114,7 @@ def test_status_prints_the_stage_table(finished_run, capsys):
     cfg, _, _ = finished_run
     assert main(["status", cfg.run.dir]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["stage", "state", "rows", "finished", "fingerprint"]
+    assert out[0].split() == ["stage", "state", "rows", "finished", "identity"]
     states = {line.split()[0]: line.split()[1] for line in out[1:]}
     assert states["sample"] == "done" and states["eval/rft/toy_id"] == "done" and states["report"] == "done"
     assert main(["status", cfg.run.dir + "-nope"]) == 2

@@ -186,3 +186,30 @@ def test_status_shows_broken_and_run_redoes_it(uninterrupted, tmp_path):
     again = cli(run_dir, "run", "--stages", "train/dpo")
     assert again.returncode == 0, again.stderr[-3000:]
     assert stage_outcomes(again.stdout)["train/dpo"] == "ran" and store.exists(model_file)
+
+
+def test_editing_a_row_of_a_local_prompt_file_reruns_prompts_and_its_dependents(toy_model, tmp_path):
+    from pipeline.toy_task import make_problems, prompt_row
+
+    data = tmp_path / "prompts.jsonl"
+    rows = [prompt_row(p) for p in make_problems("train", 16, seed=0)]
+    write = lambda rs: data.write_text("".join(json.dumps({"problem": r["problem"], "answer": r["gold"],
+                                                           "solution": r["solution"]}) + "\n" for r in rs))
+    write(rows)
+    run_dir = tmp_path / "run"
+    source = [f"data.source={{name: mine, path: {data}}}"]
+    first = cli(run_dir, "run", "--stages", "sample", *source)
+    assert first.returncode == 0, first.stderr[-3000:]
+    # status reads the configuration the run directory was last run with (data.source included)
+    status = lambda: {k: v for k, v in statuses(run_dir).items() if k in ("prompts", "sample")}
+    assert status() == {"prompts": "done", "sample": "done"}
+    write(rows)  # the same bytes again: nothing changes
+    assert status() == {"prompts": "done", "sample": "done"}
+    rows[3] = {**rows[3], "gold": str(int(rows[3]["gold"]) + 1)}  # one row's answer edited
+    write(rows)
+    assert status() == {"prompts": "stale", "sample": "stale"}
+    again = cli(run_dir, "run", "--stages", "prompts", *source)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert stage_outcomes(again.stdout) == {"prompts": "ran"}
+    assert status() == {"prompts": "done", "sample": "stale"}  # its input's content changed
+

@@ -26,7 +26,7 @@ EXPECTED = {
     "sample.temperature": {"sample"}, "sample.top_p": {"sample"}, "sample.max_tokens": {"sample"},
     "sample.template": {"sample"},
     "sample.gpus_per_engine": {"sample", *EVAL}, "sample.block_size": {"sample", *EVAL},
-    "sample.max_model_len": {"sample", *EVAL},
+    "sample.max_model_len": {"sample", *EVAL}, "sample.stop": {"sample", *EVAL},
     "verify.deadline_s": {"verify", *EVAL},
     "verify.max_positives_per_prompt": {"verify"}, "verify.max_pairs_per_prompt": {"verify"},
     "train.data": {"train/rft"},
@@ -51,7 +51,7 @@ SPECIAL = {"train.objectives": "[rft, dft, dpo, chi2]", "eval.benchmarks": "[toy
            "train.data": "{rft: gold}", "train.runs": "[{objective: sft, init: rft}]", "model.base": "some-org/some-model", "run.dir": "/tmp/elsewhere",
            "ray.address": "auto",
            "sample.template": "qwen-boxed", "model.dtype": "bfloat16", "train.precision": "bf16",
-           "train.optimizer": "sgd", "train.zero_stage": "3"}
+           "train.optimizer": "sgd", "train.zero_stage": "3", "sample.stop": "['</answer>']"}
 
 
 def _declared(key: str) -> bool:
