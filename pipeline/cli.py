@@ -66,7 +66,7 @@ def run_pipeline(cfg: Config, stages: list[str] = (), force: list[str] = ()) -> 
     only, forced = _match(names, list(stages)) if stages else None, _match(names, list(force))
     store = RunStore(cfg.run.dir)
     log(f"run directory {store.uri}")
-    connect(cfg.ray.address, cfg.ray.num_cpus, log=log, worker_resources=cfg.ray.worker_resources)
+    connect(cfg.ray.address, cfg.ray.num_cpus, log=log, worker_resource=cfg.ray.worker_resource)
     check_shared_storage(cfg.run.dir)
     store.write_bytes(RESOLVED_CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
     return run_stages(store, plan, only=only, force=forced, log=log, max_parallel=cfg.ray.max_parallel_stages)
@@ -132,7 +132,7 @@ def rebuild_report(run_dir: str) -> str:
     excluded = [f"{i} ({states[i][0]})" for i in report_stage.inputs if i not in done]
     for name in excluded:
         log(f"  left out of the report: {name}")
-    connect(cfg.ray.address, cfg.ray.num_cpus, log=log, worker_resources=cfg.ray.worker_resources)
+    connect(cfg.ray.address, cfg.ray.num_cpus, log=log, worker_resource=cfg.ray.worker_resource)
     base = base_model_source(report_stage.external["base_model"], store, log)
     write_report(store, "report/rebuilt", done, ConfigView(report_stage.config, "report"), base, log, excluded,
                  stable_copy=False)  # the report stage's own files stay as its manifest records them

@@ -102,10 +102,10 @@ class RayConfig(_Section):
     # Stages that depend on nothing unfinished run at the same time, up to this many (Ray
     # queues what its resources cannot hold); 1: one after another. None: no limit.
     max_parallel_stages: Optional[Int] = Field(None, ge=1)
-    # Custom Ray resources that every worker loading a model (engine actors, reference
-    # scorers, train workers, report scoring tasks) also asks for, e.g. {gpu_worker: 0.01}
-    # places them on nodes started with --resources='{"gpu_worker": 100}'. None: no extra.
-    worker_resources: Optional[dict[NonEmptyStr, Annotated[Float, Field(gt=0)]]] = None
+    # A custom Ray resource that every worker loading a model (engine actors, reference
+    # scorers, train workers, report scoring tasks) also asks for (0.001 of it), so they
+    # run only on nodes started with e.g. --resources='{"gpu_worker": 1}'. None: anywhere.
+    worker_resource: Optional[NonEmptyStr] = None
 
 
 class ModelConfig(_Section):

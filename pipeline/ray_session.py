@@ -1,12 +1,12 @@
 """Connecting to Ray: the cluster of RAY_ADDRESS / `ray job submit` when there is one,
 a local Ray otherwise. Never starts a second Ray next to an existing cluster.
 
-Placement: `ray.worker_resources` (custom resources such as {"gpu_worker": 0.01}) is
-asked for by every worker that loads a model: engine actors, reference scorers, train
-workers and the report's scoring tasks (`worker_remote_args`, `train_worker_resources`).
-Starting the nodes meant for that work with `ray start --resources='{"gpu_worker": 100}'`
-keeps it there, e.g. off a head node that runs the job's driver. An execution setting:
-it is in no stage's identity (the whole `ray` section is NO_OUTPUT_EFFECT)."""
+Placement: with `ray.worker_resource` set (a custom resource name, e.g. "gpu_worker"),
+every worker that loads a model asks for WORKER_RESOURCE_AMOUNT of it: engine actors,
+reference scorers, train workers and the report's scoring tasks (`worker_remote_args`,
+`train_worker_resources`). Only nodes started with `ray start --resources='{"gpu_worker": 1}'`
+take them, e.g. not a head node that runs the job's driver. An execution setting: it is
+in no stage's identity (the whole `ray` section is NO_OUTPUT_EFFECT)."""
 from __future__ import annotations
 
 import json
@@ -16,8 +16,9 @@ from actors.store import is_remote
 
 
 DRIVER_ENV_VARS = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
-RESERVED_RESOURCES = ("CPU", "GPU", "TPU", "memory", "object_store_memory")  # each stage sets its own
-_worker_resources: dict[str, float] = {}  # ray.worker_resources of this driver, set by connect()
+RESERVED_RESOURCES = ("CPU", "GPU", "TPU", "memory", "object_store_memory")  # each stage asks for its own
+WORKER_RESOURCE_AMOUNT = 0.001  # a label, not a quota: one unit on a node admits 1000 such workers
+_placement: dict[str, float] = {}  # {ray.worker_resource: WORKER_RESOURCE_AMOUNT} of this driver, set by connect()
 
 
 def _job_env_vars() -> dict:
@@ -33,15 +34,15 @@ def _job_env_vars() -> dict:
 
 
 def connect(address: str | None = None, num_cpus: int | None = None, log=print,
-            worker_resources: dict[str, float] | None = None) -> None:
+            worker_resource: str | None = None) -> None:
     import ray
 
-    reserved = sorted(set(worker_resources or {}) & set(RESERVED_RESOURCES))
-    if reserved:
-        raise SystemExit(f"ray.worker_resources: {', '.join(reserved)} is requested by each stage itself "
-                         f"(train.use_gpu, sample.gpus_per_engine); name custom resources only")
-    _worker_resources.clear()
-    _worker_resources.update(worker_resources or {})
+    if worker_resource in RESERVED_RESOURCES:
+        raise SystemExit(f"ray.worker_resource={worker_resource}: each stage asks for its own {worker_resource} "
+                         f"(train.use_gpu, sample.gpus_per_engine); name a custom resource")
+    _placement.clear()
+    if worker_resource:
+        _placement[worker_resource] = WORKER_RESOURCE_AMOUNT
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -54,26 +55,25 @@ def connect(address: str | None = None, num_cpus: int | None = None, log=print,
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env)
         log(f"started a local Ray ({ray.cluster_resources().get('CPU', 0):.0f} CPUs)")
     ray.data.DataContext.get_current().enable_progress_bars = False
-    if _worker_resources:
-        offered = ray.cluster_resources()
-        missing = sorted(k for k in _worker_resources if k not in offered)
-        log(f"model-loading workers ask for {_worker_resources}"
-            + (f"; no node offers {', '.join(missing)} yet: they wait until one does (ray start --resources=...)"
-               if missing else ""))
+    if worker_resource:
+        offered = ray.cluster_resources().get(worker_resource, 0)
+        log(f"workers that load a model run on nodes offering {worker_resource!r}"
+            + (f" ({offered:g} in the cluster now)" if offered else
+               f"; no node offers it yet: they wait until one does (ray start --resources=...)"))
 
 
 def worker_remote_args() -> dict:
-    """Extra Ray options for a task or actor that loads a model: {"resources":
-    ray.worker_resources} when that is set, else {}."""
-    return {"resources": dict(_worker_resources)} if _worker_resources else {}
+    """Extra Ray options for a task or actor that loads a model: {"resources": {name:
+    amount}} when ray.worker_resource is set, else {}."""
+    return {"resources": dict(_placement)} if _placement else {}
 
 
 def train_worker_resources(use_gpu: bool) -> dict | None:
     """ScalingConfig.resources_per_worker: Ray Train's default (one CPU, or one GPU) plus
-    ray.worker_resources; None (Ray Train's default) when those are not set."""
-    if not _worker_resources:
+    ray.worker_resource; None (Ray Train's default) when that is not set."""
+    if not _placement:
         return None
-    return {**({"GPU": 1} if use_gpu else {"CPU": 1}), **_worker_resources}
+    return {**({"GPU": 1} if use_gpu else {"CPU": 1}), **_placement}
 
 
 def check_shared_storage(run_dir: str) -> None:

@@ -96,7 +96,9 @@ def build_model(out_dir: Path) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one log line per build, not a bar per tensor
     path, digest = shipped_file()
     config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     if hasattr(config, "quantization_config"):

@@ -7,7 +7,7 @@ token authentication on.
   private, empty tmpfs over the model cache and the toy model's build directory (its own
   mount namespace), so a path that exists only on the head, where the job's driver runs,
   is missing there, as on a real cluster. A custom resource only the second node offers
-  (`ray.worker_resources`) places the engine actors, the train workers and the report's
+  (`ray.worker_resource`) places the engine actors, the train workers and the report's
   scoring tasks there.
 
 Every node also runs in its own PID namespace: `ray stop` run inside it stops that node
@@ -120,8 +120,8 @@ def test_job_driver_leaves_the_jobs_env_vars_alone(monkeypatch):
     assert calls[1]["runtime_env"]["env_vars"] == ray_session.DRIVER_ENV_VARS
 
 
-def test_worker_resources_reach_model_loading_workers_only_when_set(monkeypatch):
-    """ray.worker_resources: custom resources added to the requests of every worker that
+def test_worker_resource_reaches_model_loading_workers_only_when_set(monkeypatch):
+    """ray.worker_resource: a custom resource added to the requests of every worker that
     loads a model; nothing changes when it is not set; CPU/GPU stay the stages' own."""
     from pipeline import ray_session
     from pipeline.config import identity_dump, load_config
@@ -130,16 +130,17 @@ def test_worker_resources_reach_model_loading_workers_only_when_set(monkeypatch)
     logged = []
     ray_session.connect(log=logged.append)
     assert ray_session.worker_remote_args() == {} and ray_session.train_worker_resources(False) is None
-    cfg = load_config(None, ["ray.worker_resources={worker_node: 0.01}"])
-    ray_session.connect(log=logged.append, worker_resources=cfg.ray.worker_resources)
-    assert ray_session.worker_remote_args() == {"resources": {"worker_node": 0.01}}
-    assert ray_session.train_worker_resources(False) == {"CPU": 1, "worker_node": 0.01}
-    assert ray_session.train_worker_resources(True) == {"GPU": 1, "worker_node": 0.01}
-    assert "worker_node" in logged[-1]
+    cfg = load_config(None, ["ray.worker_resource=worker_node"])
+    ray_session.connect(log=logged.append, worker_resource=cfg.ray.worker_resource)
+    amount = ray_session.WORKER_RESOURCE_AMOUNT
+    assert ray_session.worker_remote_args() == {"resources": {"worker_node": amount}}
+    assert ray_session.train_worker_resources(False) == {"CPU": 1, "worker_node": amount}
+    assert ray_session.train_worker_resources(True) == {"GPU": 1, "worker_node": amount}
+    assert "'worker_node' (4 in the cluster now)" in logged[-1]
     # an execution setting: no stage's identity sees it
     assert identity_dump(cfg, "") == identity_dump(load_config(None, []), "")
     with pytest.raises(SystemExit, match="GPU"):
-        ray_session.connect(log=logged.append, worker_resources={"GPU": 1.0})
+        ray_session.connect(log=logged.append, worker_resource="GPU")
     ray_session.connect(log=logged.append)
     assert ray_session.worker_remote_args() == {}
 
@@ -355,14 +356,22 @@ def ray_head(toy_model):
         cluster.stop()
 
 
-def _runtime_env(env_vars: dict | None = None) -> str:
+def _runtime_env(working_dir: Path) -> str:
     """cluster/runtime_env.yaml as shipped, less its pip step (it installs the `gpu`
     extra, vLLM for CUDA, which cannot install here; this venv has the rest)."""
     env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
     env.pop("pip", None)
-    env["working_dir"] = str(REPO)
-    env["env_vars"] = {**env.get("env_vars", {}), **(env_vars or {})}
+    env["working_dir"] = str(working_dir)
     return json.dumps(env)
+
+
+def _checkout_copy(dest: Path) -> Path:
+    """The checkout as a job uploads it (runtime_env.yaml's excludes), copied once: every
+    job of a test runs the same code, however the tree changes meanwhile. The working dir
+    comes first on a job's PYTHONPATH, before the editable install."""
+    shutil.copytree(REPO, dest, ignore=shutil.ignore_patterns(
+        ".venv", "runs", ".git", "__pycache__", ".pytest_cache", "*.egg-info"))
+    return dest
 
 
 class Jobs:
@@ -371,6 +380,7 @@ class Jobs:
 
     def __init__(self, cluster: Cluster):
         self.address, self.env, self.n = cluster.dashboard, cluster.client_env(), 0
+        self.working_dir = _checkout_copy(cluster.temp_dir / "checkout")
 
     def _ray(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
         return _ray(*args, env=self.env, timeout=timeout, check=check)
@@ -379,7 +389,7 @@ class Jobs:
         self.n += 1
         job_id = f"verifine-test-{os.getpid()}-{self.n}"
         self._ray("job", "submit", "--address", self.address, "--submission-id", job_id, "--runtime-env-json",
-                  _runtime_env(), "--no-wait", "--", *entrypoint, timeout=300)
+                  _runtime_env(self.working_dir), "--no-wait", "--", *entrypoint, timeout=300)
         return job_id
 
     def wait(self, job_id: str, timeout: float = 900) -> str:
@@ -503,8 +513,8 @@ S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "
 # after one), a small KV cache, placement on the worker node.
 SMALL_S3 = ["data.toy_count=16", "sample.block_size=8", "sample.gpu_memory_utilization=0.05",
             "train.objectives=[rft]", "train.batch_size=4", "train.epochs=1.0", "train.checkpoint_every=1",
-            "eval.limit=8", "eval.n=2", "ray.worker_resources={worker_node: 0.01}"]
-WORKER_RESOURCES = {"worker_node": 4}
+            "eval.limit=8", "eval.n=2", "ray.worker_resource=worker_node"]
+WORKER_RESOURCES = {"worker_node": 1}
 
 
 def _node_model_dirs() -> list[Path]:
@@ -593,6 +603,7 @@ def test_two_node_cluster_runs_a_pipeline_on_s3(two_nodes, s3_bucket, toy_model,
     from actors.model_cache import cache_key, default_cache_root, materialize_model
     from actors.model_source import store_model_source
     from actors.store import RunStore
+    from pipeline.runner import work_dir_for
 
     cluster, worker = two_nodes, two_nodes.worker
     jobs = Jobs(cluster)
@@ -644,10 +655,9 @@ def test_two_node_cluster_runs_a_pipeline_on_s3(two_nodes, s3_bucket, toy_model,
     scorers = cluster.state("tasks", "name=_score")
     assert scorers and {t["node_id"] for t in scorers} == {worker_id}
     # ... and copied the models it needed from the bucket into its own cache.
-    rft_model = store_model_source(run_uri, read_manifest(store, "train/rft"))
-    rft_key = cache_key(rft_model["files"])
-    on_worker = _cache_entries(worker, cache)
-    assert rft_key in on_worker and len(on_worker) >= 2, on_worker  # the base and the trained model
+    base_key = cache_key({f: store.file_record(f) for f in store.list_files("models/toy")})
+    rft_key = cache_key(store_model_source(run_uri, read_manifest(store, "train/rft"))["files"])
+    assert {base_key, rft_key} <= _cache_entries(worker, cache)
     assert not (cache / rft_key).exists(), "the trained model was copied to the head"
 
     # 2. The same job again: nothing to do.
@@ -660,15 +670,19 @@ def test_two_node_cluster_runs_a_pipeline_on_s3(two_nodes, s3_bucket, toy_model,
     # 3. Retrain, stopped with `ray job stop` once Ray Train registered a checkpoint in the
     #    bucket. A test hook pauses after each step so the stop lands mid-training.
     t2 = time.time()
-    work_dir = read_manifest(store, "train/rft")["work_dir"]  # --force keeps the identity, so the work dir
-    done_before = _checkpoint_snapshot(store, work_dir)     # the finished run's record, deleted by --force
+    # The finished run's record, in its work dir (--force keeps the identity, and so the
+    # work dir; it deletes the files first): a checkpoint of the new run must differ.
+    done_before = _checkpoint_snapshot(store, read_manifest(store, "train/rft")["work_dir"])
     job_id = jobs.submit("env", "VERIFINE_TEST_STEP_DELAY_S=8", *run[:2], "--force", "train/rft", *run[2:],
                          "eval.benchmarks=[toy_id]")
     deadline, next_check = time.time() + 600, time.time() + 15
     while True:
-        snapshot = _checkpoint_snapshot(store, work_dir)
-        if snapshot != done_before and _registered(snapshot):
-            break
+        manifest = read_manifest(store, "train/rft") or {}
+        if manifest.get("status") == "invalid":  # the stage (re)started: its identity names its work dir
+            work_dir = work_dir_for("train/rft", manifest["identity"])
+            snapshot = _checkpoint_snapshot(store, work_dir)
+            if snapshot != done_before and _registered(snapshot):
+                break
         assert time.time() < deadline, "training never registered a checkpoint"
         if time.time() > next_check:  # a job that died early: fail now, with its logs
             status, next_check = jobs.status(job_id), time.time() + 15
@@ -681,18 +695,18 @@ def test_two_node_cluster_runs_a_pipeline_on_s3(two_nodes, s3_bucket, toy_model,
     assert not store.exists(f"{work_dir}/model/model.safetensors"), "stopped too late to test resuming"
     print(f"[two-node test] retrain stopped after {time.time() - t2:.0f}s")
 
-    # 4. The worker node loses its model cache; the run goes on with a new benchmark:
-    #    training resumes from the bucket, every model is copied to the node again.
+    # 4. The worker node loses its model cache; the run goes on, the trained model with a
+    #    new benchmark: training resumes from the bucket, the models are copied again.
     worker.run_inside("find", str(cache), "-mindepth", "1", "-delete")
     assert not _cache_entries(worker, cache)
     t3 = time.time()
-    logs = jobs.run(*run, "eval.benchmarks=[toy_id,toy_harder]")
-    print(f"[two-node test] resumed job: {time.time() - t3:.0f}s")
+    logs = jobs.run(*run, "eval.benchmarks=[toy_id,toy_harder]", "eval.models=[rft]")
+    print(f"[two-node test] resumed job: {time.time() - t3:.0f}s;",
+          "; ".join(f"{a} {b}" for a, b in re.findall(r"\[([\w/]+)\] done in ([\d.]+s)", logs)))
     states = stage_lines(logs)
     assert {s: states[s] for s in ("prompts", "sample", "verify")} == dict.fromkeys(("prompts", "sample", "verify"),
                                                                                   "cached")
-    assert states["train/rft"] == states["eval/base/toy_harder"] == states["eval/rft/toy_harder"] == "running"
-    assert states["eval/base/toy_id"] == "cached"
+    assert states["train/rft"] == states["eval/rft/toy_harder"] == "running", states
     manifest = read_manifest(store, "train/rft")
     assert is_complete(manifest) and manifest["work_dir"] == work_dir
     metrics = [json.loads(line) for line in store.read_bytes(f"{work_dir}/metrics.jsonl").decode().splitlines() if line]
@@ -705,9 +719,10 @@ def test_two_node_cluster_runs_a_pipeline_on_s3(two_nodes, s3_bucket, toy_model,
 
     trained, base = load_file(local / "model.safetensors"), load_file(Path(toy_model) / "model.safetensors")
     assert {k: v.shape for k, v in trained.items()} == {k: v.shape for k, v in base.items()}
-    for bench in ("toy_harder", "toy_id"):
-        for model in ("base", "rft"):
-            assert is_complete(read_manifest(store, f"eval/{model}/{bench}")), (model, bench)
+    for stage in ("eval/rft/toy_harder", "eval/rft/toy_id", "eval/base/toy_id"):
+        assert is_complete(read_manifest(store, stage)), stage
     assert is_complete(read_manifest(store, "report"))
-    assert cache_key(rft_model["files"]) in _cache_entries(worker, cache), "the trained model was not copied again"
+    rft_key = cache_key(rft_model["files"])
+    assert {base_key, rft_key} <= _cache_entries(worker, cache), "the models were not copied to the node again"
+    assert not (cache / rft_key).exists(), "the trained model was copied to the head"
     print(f"[two-node test] total {time.time() - t0:.0f}s")

@@ -49,7 +49,7 @@ SHAPE = {"train.objectives": {"removed": {"train/hellinger", "eval/hellinger/toy
                         "changed": {"report"}}}
 SPECIAL = {"train.objectives": "[rft, dft, dpo, chi2]", "eval.benchmarks": "[toy_id]", "eval.models": "[base, rft]",
            "train.data": "{rft: gold}", "train.runs": "[{objective: sft, init: rft}]", "model.base": "some-org/some-model", "run.dir": "/tmp/elsewhere",
-           "ray.address": "auto",
+           "ray.address": "auto", "ray.worker_resource": "worker_node",
            "sample.template": "qwen-boxed", "model.dtype": "bfloat16", "train.precision": "bf16",
            "train.optimizer": "sgd", "train.zero_stage": "3", "sample.stop": "['</answer>']"}
 
