@@ -24,7 +24,8 @@ def write_positives(store: RunStore, tokenizer_dir: str, count: int = 24) -> str
     for i, p in enumerate(make_problems("train", count, seed=3)):
         a, b = (int(x) for x in p["problem"][8:-1].split(" + "))
         # vary lengths so micro-batches differ in size and padding
-        completion = solution_text(a, b) + (" Done." * (i % 3))
+        # as the sampler stores a finished sample: ending with the stop token it generated
+        completion = solution_text(a, b) + (" Done." * (i % 3)) + tok.eos_token
         rows.append({"prompt_id": f"p{i:03d}", "sample_idx": 0, "prompt": render_prompt(tok, "chat", p["problem"]),
                      "completion": completion})
     store.write_rows("data/positives.parquet", rows)
@@ -90,7 +91,8 @@ def plain_sgd_step(model_dir, rows, lr):
     total, n_tokens = 0.0, 0
     for r in rows:
         p = tok(r["prompt"], add_special_tokens=False)["input_ids"]
-        c = tok(r["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        c = tok(r["completion"], add_special_tokens=False)["input_ids"]  # ends with its EOS already
+        assert c[-1] == tok.eos_token_id
         ids = torch.tensor([p + c])
         logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None])[:, 0]
         total = total - logp[len(p) - 1:].sum()
