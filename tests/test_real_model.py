@@ -24,8 +24,9 @@ MODELS = ["base", "dft", "dpo"]
 BENCHES = ["toy_id", "local_gsm8k"]
 MAX_MODEL_LEN = 100  # SmolLM2 reads 8k tokens; 100 makes some GSM8K prompts too long (the toy ones are 40)
 # As small as the whole loop allows on 2 cores: 16 prompts, 48 tokens, one epoch, two
-# objectives (a sequence loss and a pair loss with reference log-probs), 8 problems per set.
-CI_OVERRIDES = ["data.toy_count=16", "sample.max_tokens=48", "sample.block_size=16",
+# objectives (a sequence loss and a pair loss with reference log-probs), 8 problems per set;
+# one stage at a time (two 2-worker trainings at once on 2 cores only queue and time out).
+CI_OVERRIDES = ["ray.max_parallel_stages=1", "data.toy_count=16", "sample.max_tokens=48", "sample.block_size=16",
                 f"sample.max_model_len={MAX_MODEL_LEN}", "train.objectives=[dft,dpo]", "train.epochs=1",
                 "train.batch_size=8", "train.checkpoint_every=100", "eval.limit=8", "eval.n=2", "eval.max_tokens=48"]
 

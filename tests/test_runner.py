@@ -145,7 +145,7 @@ def test_keys_without_output_effect_are_not_hashed():
     assert stage_identity(s(a), {}) != stage_identity(s(b), {})
 
 
-def _timed(name, inputs, spans, seconds=0.4, fail=False, after=()):
+def _timed(name, inputs, spans, seconds=1.5, fail=False, after=()):
     def run(ctx):
         start = time.time()
         time.sleep(seconds)
@@ -188,7 +188,7 @@ def test_a_failing_branch_does_not_stop_the_others_and_they_stay_cached(tmp_path
 
     store, spans = RunStore(str(tmp_path)), {}
     stages = [_timed("a", [], spans), _timed("b", ["a"], spans, fail=True), _timed("c", ["b"], spans),
-              _timed("d", ["a"], spans, seconds=1.0)]
+              _timed("d", ["a"], spans, seconds=3.0)]
     with pytest.raises(StagesFailed) as e:
         run_stages(store, stages, **QUIET)
     assert set(e.value.failed) == {"b"} and e.value.blocked == ["c"]

@@ -3,6 +3,7 @@ the whole pipeline's stage times, the sample stage against bare vLLM, and the tr
 against TRL. Prints figures; it is not a pass/fail test.
 
     python tests/benchmarks/bench_real_model.py pipeline [--run-dir DIR] [key=value ...]
+        (e.g. ray.max_parallel_stages=1: one stage at a time, so each stage's time is its own)
     python tests/benchmarks/bench_real_model.py sample [--prompts 96] [--n 4] [--max-tokens 128] [--repeat 1]
     python tests/benchmarks/bench_real_model.py train [--examples 128] [--batch-size 16] [--steps 8]
                                                       [--arms single,ray_train,trl] [--trl-path /tmp/trl_pkgs]
@@ -18,7 +19,9 @@ against TRL. Prints figures; it is not a pass/fail test.
   child process, one after the other. Engine start-up is excluded from both: the stage's
   figure is all output tokens over the window from the actor's first generate call to
   the last block written at the driver (so it includes the stage's own per-block costs),
-  the bare figure one warm `generate` over all prompts. Target: stage / bare >= 0.95.
+  the bare figure one warm `generate` over all prompts, with OMP_NUM_THREADS=1 as Ray sets
+  for the stage's 1-CPU actor (--bare-omp-threads 0 leaves it unset: on 2 cores the bare
+  engine then ran 2-3x slower than the stage here). Target: stage / bare >= 0.95.
 - train: the DFT objective on the same positives (toy prompts in SmolLM2's chat
   template, the column-addition solution ending with <|im_end|>, the token the sampler
   stops on), batch size, max_len, steps, AdamW, lr schedule, fp32 on CPU, through
@@ -180,7 +183,7 @@ def arm_bare(args) -> dict:
 def bench_sample(args) -> None:
     print(f"{args.prompts} toy prompts x n={args.n}, max_tokens {args.max_tokens}, SmolLM2-135M; "
           f"{os.cpu_count()} CPUs")
-    runs: dict[str, list[dict]] = {"stage": [], "bare": []}
+    runs: dict[str, list[dict]] = {a: [] for a in args.arms_sample.split(",")}
     for rep in range(args.repeat):
         for name in runs:
             r = child(name, args, ["--prompts", str(args.prompts), "--n", str(args.n), "--max-tokens",
@@ -262,6 +265,10 @@ def bench_train(args) -> None:
 def child(name: str, args, extra: list[str], rusage: bool = False) -> dict | None:
     cmd = [sys.executable, __file__, args.part, "--arm", name, *extra]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if name == "bare" and args.bare_omp_threads:
+        # Ray gives the stage's 1-CPU sampler actor OMP_NUM_THREADS=1; the same here, or the
+        # bare engine's OpenMP threads fight its own serving thread on 2 cores.
+        env["OMP_NUM_THREADS"] = str(args.bare_omp_threads)
     before = load_avg()
     with tempfile.NamedTemporaryFile("w+", suffix=f"-{name}.log", delete=False) as log:
         t0 = time.perf_counter()
@@ -314,9 +321,12 @@ def main() -> None:
     p.add_argument("--arms", default="single,ray_train,trl")
     p.add_argument("--trl-path", default="/tmp/trl_pkgs")
     p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--arms-sample", default="stage,bare", help="sample: which arms")
+    p.add_argument("--bare-omp-threads", type=int, default=1,
+                   help="sample: OMP_NUM_THREADS of the bare arm (1, as Ray sets for the stage's actor; 0: unset)")
     p.add_argument("--arm", help=argparse.SUPPRESS)
     p.add_argument("--data-dir", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_intermixed_args()
     if args.arm:
         run_child_arm(args)
     elif args.part == "pipeline":

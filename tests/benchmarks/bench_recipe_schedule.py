@@ -2,7 +2,7 @@
 schedule on a cluster.
 
     python tests/benchmarks/bench_recipe_schedule.py [--run] [--run-dir runs/toy-implicit-reward]
-        [--nodes 4 --gpus-per-node 8 --gpus-per-train 8 --gpus-per-engine 1 --sample-engines 8]
+        [--nodes 4 --gpus-per-node 8 --gpus-per-train 8 --gpus-per-engine 1 --sample-engines 8] [key=value ...]
 
 --run first runs `verifine run configs/toy-implicit-reward.yaml` (cold or warm, as the
 run directory is) and prints its wall time (target: <= 15 min on 2 cores). Then, from the
@@ -84,12 +84,14 @@ def main() -> None:
     p.add_argument("--gpus-per-train", type=int, default=8)
     p.add_argument("--gpus-per-engine", type=int, default=1)
     p.add_argument("--sample-engines", type=int, default=8)
+    p.add_argument("overrides", nargs="*", help="key=value overrides the run was made with (e.g. a reduced recipe)")
     args = p.parse_args()
 
     if args.run:
         before = load_avg()
         t0 = time.time()
-        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(CONFIG), f"run.dir={args.run_dir}"],
+        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(CONFIG), f"run.dir={args.run_dir}",
+                               *args.overrides],
                               cwd=REPO, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         wall = time.time() - t0
         print(f"recipe run: {wall:.1f} s ({wall / 60:.1f} min; target <= 15 min), exit {proc.returncode}; "
@@ -103,7 +105,7 @@ def main() -> None:
     from pipeline.plan import build_stages
 
     store = RunStore(args.run_dir, create=False)
-    stages = build_stages(load_config(CONFIG, [f"run.dir={args.run_dir}"]))
+    stages = build_stages(load_config(CONFIG, [f"run.dir={args.run_dir}", *args.overrides]))
     durations, deps = {}, {}
     for s in stages:
         m = read_manifest(store, s.name)
