@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 from pipeline.sources import SourceSpec, _is_local, _resolve_local
@@ -12,6 +13,10 @@ from pipeline.sources import SourceSpec, _is_local, _resolve_local
 # Small files of a model directory are hashed whole; weight shards by name and size
 # (hashing a 15 GB checkpoint on every plan would cost minutes).
 SMALL_FILE_BYTES = 1 << 20
+
+# Stages run in driver threads: the first of them to need the base model builds it (and
+# imports transformers, whose lazy module is not thread-safe), the others wait for it.
+_BASE_MODEL_LOCK = threading.Lock()
 
 
 def file_digest(path: str | Path) -> str:
@@ -79,18 +84,23 @@ def base_model_source(external: dict, store, log=print):
     workers on any node load them like a trained model; hub ids and paths are handed on
     as they are (a local path must exist on every node)."""
     location = external["location"]
-    if isinstance(location, dict) and "builtin" in location:
+    if not isinstance(location, dict):
+        return location
+    with _BASE_MODEL_LOCK:
+        return _stored_base_model(location, store, log)
+
+
+def _stored_base_model(location: dict, store, log) -> dict:
+    if "builtin" in location:
         from pipeline.real_model import ensure_model
 
         local = ensure_model(location["builtin"], log=log)
         prefix = f"models/{location['builtin']}/{local.name}"
-    elif isinstance(location, dict) and "toy_seed" in location:
+    else:
         from pipeline.toy_model import ensure_toy_model
 
         local = ensure_toy_model(location["toy_seed"], log=log)
         prefix = f"models/toy/{local.name}"
-    else:
-        return location
     present = store.file_sizes(prefix)
     files = {}
     for f in sorted(p for p in local.iterdir() if p.is_file()):
