@@ -40,7 +40,8 @@ class ReferenceScorer:
             batch = pad_batch([encoded[i] for i in idx], self.pad)
             device = next(self.model.parameters()).device
             logp = causal_lm_token_logprobs(self.model, batch["input_ids"].to(device),
-                                            batch["attention_mask"].to(device), chunk_tokens=self.chunk).float().cpu()
+                                            batch["attention_mask"].to(device), chunk_tokens=self.chunk,
+                                            score_mask=batch["mask"].to(device)).float().cpu()
             for row, i in enumerate(idx):
                 m = batch["mask"][row].bool()
                 out[i] = logp[row][m].tolist()

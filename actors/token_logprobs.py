@@ -163,9 +163,10 @@ def causal_lm_token_logprobs(
     attention_mask: Tensor | None,
     chunk_tokens: int = 1024,
     position_ids: Tensor | None = None,
+    score_mask: Tensor | None = None,
 ) -> Tensor:
     """Log-prob of each next token under an HF causal LM: [B, T-1], entry t scores
-    input_ids[:, t+1].
+    input_ids[:, t+1] (0 where `score_mask` [B, T-1] is given and false).
 
     Runs only the decoder body and feeds its last hidden state to `token_logprobs`
     with the output embedding's weight (the same Parameter as the input embedding
@@ -173,7 +174,7 @@ def causal_lm_token_logprobs(
     position_ids; positions whose target starts a new sequence are meaningless and
     must be masked out by the caller (they are prompt tokens anyway).
     """
-    return TokenLogprobModel(model, chunk_tokens)(input_ids, attention_mask, position_ids)
+    return TokenLogprobModel(model, chunk_tokens)(input_ids, attention_mask, position_ids, score_mask)
 
 
 class TokenLogprobModel(torch.nn.Module):
@@ -188,7 +189,16 @@ class TokenLogprobModel(torch.nn.Module):
         self.head = LogprobHead(model.get_output_embeddings(), chunk_tokens)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None) -> Tensor:
+                position_ids: Tensor | None = None, score_mask: Tensor | None = None) -> Tensor:
+        """[B, T-1] log-probs; with `score_mask` only those positions (the response tokens)
+        go through the vocabulary and the rest are 0: the head costs about as much per
+        token as several decoder layers (4x its matmul here: forward, recompute, two
+        gradients), and prompt positions need no log-probs."""
         body = self.model.get_decoder()
         out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        return self.head(out.last_hidden_state[:, :-1], input_ids[:, 1:])
+        hidden, targets = out.last_hidden_state[:, :-1], input_ids[:, 1:]
+        if score_mask is None:
+            return self.head(hidden, targets)
+        keep = score_mask.bool()
+        scored = self.head(hidden[keep], targets[keep])
+        return scored.new_zeros(targets.shape).masked_scatter(keep, scored)

@@ -135,7 +135,7 @@ def micro_batch_loss(model, units: list[dict], objective: str, normalizer: float
         refs = [u["ref"] for u in units] if "ref" in units[0] else None
     batch = {k: (v.to(device) if v is not None else None) for k, v in pad_batch(examples, pad_id, refs).items()}
     # The DeepSpeed engine (its forward keeps ZeRO-3 accumulation in step) of a TokenLogprobModel.
-    logp = model(batch["input_ids"], batch["attention_mask"])
+    logp = model(batch["input_ids"], batch["attention_mask"], score_mask=batch["mask"])
     mask, ref = batch["mask"], batch["ref_logp"]
     tokens = mask.sum().item()  # all response tokens processed (throughput, weighting)
     if spec.uses_pairs:

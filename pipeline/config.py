@@ -98,7 +98,7 @@ class RunConfig(_Section):
 
 class RayConfig(_Section):
     address: Optional[Str] = None  # None: RAY_ADDRESS if set (ray job submit), else a local Ray
-    num_cpus: Optional[Int] = Field(None, ge=1)  # only for a local Ray started by verifine
+    num_cpus: Optional[Int] = Field(None, ge=1)  # only for a local Ray started by verifine; None: cores + 1
     # Stages that depend on nothing unfinished run at the same time, up to this many (Ray
     # queues what its resources cannot hold); 1: one after another. None: no limit.
     max_parallel_stages: Optional[Int] = Field(None, ge=1)

@@ -207,6 +207,28 @@ def test_causal_lm_token_logprobs_matches_model_logits(tied):
     assert_grads_close(param_grads(model, (ours * weights).sum()), param_grads(model, (ref * weights).sum()), 1e-10, 1e-8)
 
 
+def test_score_mask_scores_only_the_response_positions():
+    """The head runs on the masked (response) positions only: the same log-probs and
+    gradients there as the full computation, 0 (and no gradient) elsewhere."""
+    model = tiny_model(True).double()
+    g = torch.Generator().manual_seed(5)
+    input_ids = torch.randint(0, 64, (3, 10), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[2, 6:] = 0
+    mask = torch.zeros(3, 9, dtype=torch.float64)
+    mask[0, 3:] = 1
+    mask[1, 6:] = 1
+    mask[2, 2:5] = 1
+    weights = torch.randn(3, 9, generator=g, dtype=torch.float64)
+
+    full = causal_lm_token_logprobs(model, input_ids, attention_mask, chunk_tokens=4)
+    scored = causal_lm_token_logprobs(model, input_ids, attention_mask, chunk_tokens=4, score_mask=mask)
+    torch.testing.assert_close(scored, full * mask, atol=1e-12, rtol=1e-12)
+    assert (scored[mask == 0] == 0).all() and (full[mask == 0] != 0).all()
+    assert_grads_close(param_grads(model, (scored * mask * weights).sum()),
+                       param_grads(model, (full * mask * weights).sum()), 1e-10, 1e-8)
+
+
 # ---------------------------------------------------------------- SFT / DFT / f-divergence
 
 

@@ -41,3 +41,43 @@ def test_toy_model_loads_in_transformers(toy_model):
     assert model.config.model_type == "qwen2" and tok.eos_token == "<|im_end|>"
     assert "<|im_start|>assistant" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                                               add_generation_prompt=True)
+
+
+def test_stages_that_start_together_build_the_base_model_once(tmp_path, monkeypatch):
+    """Stages run in driver threads; on a cold cache the first ones (sample, eval/base)
+    ask for the toy model at the same moment. One builds it, the others wait: two
+    concurrent builds raced in transformers' lazy imports and failed a cold default run."""
+    import threading
+    import time
+
+    from actors.store import RunStore
+    from pipeline import external, toy_model
+
+    built = tmp_path / "toy-model-x"
+    active, peak, calls = [0], [0], []
+    guard = threading.Lock()
+
+    def slow_build(seed, log=print):
+        with guard:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+            calls.append(seed)
+        time.sleep(0.3)
+        if not built.exists():
+            built.mkdir()
+            (built / "config.json").write_text("{}")
+        with guard:
+            active[0] -= 1
+        return built
+
+    monkeypatch.setattr(toy_model, "ensure_toy_model", slow_build)
+    store = RunStore(str(tmp_path / "run"))
+    results = [None] * 3
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(
+        i, external.base_model_source({"location": {"toy_seed": 0}}, store, log=lambda *_: None))) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 3 and peak[0] == 1, "base model builds overlapped"
+    assert results[0] == results[1] == results[2] and list(results[0]["files"]) == ["models/toy/toy-model-x/config.json"]

@@ -1,7 +1,7 @@
 """Wall time of the embedded toy default, `verifine run`, cold and then fully cached,
 the CPU utilisation of the run, and where the wall time goes.
 
-    python tests/benchmarks/bench_default_run.py [--reuse-cache] [--keep] [override ...]
+    python tests/benchmarks/bench_default_run.py [--reuse-cache] [--fresh-jit] [--keep] [override ...]
 
 Runs `verifine run run.dir=<tmp>/run [override ...]` as a child process twice:
 
@@ -14,7 +14,8 @@ Runs `verifine run run.dir=<tmp>/run [override ...]` as a child process twice:
 --reuse-cache keeps the default cache ($VERIFINE_CACHE or ~/.cache/verifine), so the
 cold run reuses an already built toy model and times only the pipeline. Other caches
 (vLLM's, DeepSpeed's JIT-built ops under ~/.cache/torch_extensions) are left as they
-are in both modes. The children's output is streamed with elapsed-time stamps and
+are in both modes, unless --fresh-jit (then DeepSpeed's op is built in the cold run too,
+as on a machine that never trained). The children's output is streamed with elapsed-time stamps and
 kept in <tmp>/run-{1,2}.log; the temp dir is removed unless --keep.
 This takes ~20 minutes: it is a script, not a pytest test.
 """
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -81,28 +81,102 @@ def cpu_jiffies() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
+class ProcessTreeCPU:
+    """CPU seconds used by a process and all its descendants, Ray's included: the local
+    Ray (gcs, raylet) is the driver's child and its workers are the raylet's, and they are
+    killed, not waited for, at shutdown, so getrusage(RUSAGE_CHILDREN) misses them. A
+    thread reads /proc every `interval` s and keeps each descendant's latest user+sys
+    time (a process that lives less than `interval` is missed)."""
+
+    def __init__(self, root_pid: int, interval: float = 0.25):
+        import threading
+
+        self.root, self.interval = root_pid, interval
+        self.seconds: dict[int, float] = {}
+        self.kinds: dict[int, str] = {}  # pid -> what it is (Ray sets titles like "ray::RayTrainWorker.run")
+        self._stop = threading.Event()
+        self._tick = os.sysconf("SC_CLK_TCK")
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _snapshot(self) -> None:
+        parent, used = {}, {}
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parent[int(d)] = int(fields[1])
+            used[int(d)] = (int(fields[11]) + int(fields[12])) / self._tick  # utime + stime
+        for pid in used:
+            p, seen = pid, 0
+            while p not in (0, 1, self.root) and seen < 64:
+                p, seen = parent.get(p, 0), seen + 1
+            if p == self.root or pid == self.root:
+                self.seconds[pid] = max(self.seconds.get(pid, 0.0), used[pid])
+                if not self.kinds.get(pid, "").startswith("ray::") or self.kinds[pid] == "ray::IDLE":
+                    self.kinds[pid] = _process_kind(pid)  # a Ray worker takes its title once it runs something
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._snapshot()
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return sum(self.seconds.values())
+
+    def by_kind(self, top: int = 10) -> str:
+        """CPU seconds per kind of process, largest first (count of processes)."""
+        totals: dict[str, list] = {}
+        for pid, sec in self.seconds.items():
+            t = totals.setdefault(self.kinds.get(pid, "?"), [0.0, 0])
+            t[0] += sec
+            t[1] += 1
+        rows = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+        return "\n".join(f"  {sec:7.1f} s  {n:3d} x {kind}" for kind, (sec, n) in rows)
+
+
+def _process_kind(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return "?"
+    if not argv:
+        return "?"
+    if argv[0].startswith("ray::"):  # a Ray worker's title: ray::<actor or task>[.<method>]
+        return argv[0].split()[0].split(".")[0].split("(")[0]
+    name = Path(argv[0]).name
+    if name.startswith("python") and len(argv) > 1:
+        name = next((Path(a).name for a in argv[1:] if not a.startswith("-")), name)
+    return name[:40]
+
+
 def timed_run(cmd: list[str], env: dict, log_path: Path, label: str, quiet: bool) -> tuple[int, float]:
     print(f"[{label}] {' '.join(cmd)}  (load average {load_avg()})", flush=True)
     busy0, total0 = cpu_jiffies()
-    children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 bufsize=1)
+        tree = ProcessTreeCPU(proc.pid)
         for line in proc.stdout:
             log.write(line)
             if not quiet:
                 print(f"  {time.perf_counter() - t0:7.1f}s | {line.rstrip()}", flush=True)
         rc = proc.wait()
     wall = time.perf_counter() - t0
+    cpu_s = tree.stop()
     busy1, total1 = cpu_jiffies()
-    children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu_s = (children1.ru_utime - children0.ru_utime) + (children1.ru_stime - children0.ru_stime)
     cores = os.cpu_count() or 1
-    print(f"[{label}] exit {rc}, wall {wall:.1f} s (load average {load_avg()}); CPU busy: machine "
-          f"{100 * (busy1 - busy0) / max(total1 - total0, 1):.0f}% (/proc/stat), process tree "
-          f"{100 * cpu_s / (wall * cores):.0f}% of {cores} cores (user+sys {cpu_s:.0f} s, reaped children)",
-          flush=True)
+    print(f"[{label}] exit {rc}, wall {wall:.1f} s (load average {load_avg()}); CPU busy: process tree "
+          f"{100 * cpu_s / (wall * cores):.0f}% of {cores} cores (user+sys {cpu_s:.0f} s over {len(tree.seconds)} "
+          f"processes), machine {100 * (busy1 - busy0) / max(total1 - total0, 1):.0f}% (/proc/stat)", flush=True)
+    print(f"[{label}] CPU seconds by process kind:\n{tree.by_kind()}", flush=True)
     if rc != 0:
         print(f"[{label}] last output:\n{log_path.read_text()[-3000:]}")
     return rc, wall
@@ -112,6 +186,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reuse-cache", action="store_true",
                    help="keep the default VERIFINE_CACHE (the toy model is not rebuilt)")
+    p.add_argument("--fresh-jit", action="store_true",
+                   help="also a fresh TORCH_EXTENSIONS_DIR: DeepSpeed JIT-builds its CPU comm op in the cold run, "
+                        "as on a machine that never trained (~45 CPU-seconds on first use)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (run dir, cache, logs)")
     p.add_argument("--quiet", action="store_true", help="do not stream the runs' output")
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides")
@@ -124,6 +201,9 @@ def main() -> int:
     else:
         env["VERIFINE_CACHE"] = str(tmp / "cache")
         cache_note = f"fresh VERIFINE_CACHE={env['VERIFINE_CACHE']} (toy model built from scratch)"
+    if args.fresh_jit:
+        env["TORCH_EXTENSIONS_DIR"] = str(tmp / "torch_extensions")
+        cache_note += f"; fresh TORCH_EXTENSIONS_DIR={env['TORCH_EXTENSIONS_DIR']}"
     cmd = verifine_command() + ["run", f"run.dir={tmp / 'run'}", *args.overrides]
     print(f"{os.cpu_count()} CPUs; {cache_note}")
     try:
