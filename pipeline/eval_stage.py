@@ -16,7 +16,8 @@ TOY_PREFIX = "toy:"
 
 VERSION = 2  # 2: the sampler's stop tokens and skipped over-long prompts; summary counts skipped prompts
 # Engine settings of the sample section that eval uses too (they change eval's outputs).
-ENGINE_KEYS = ("max_model_len", "block_size", "gpus_per_engine", "num_engines", "gpu_memory_utilization", "stop")
+ENGINE_KEYS = ("max_model_len", "block_size", "gpus_per_engine", "num_engines", "gpu_memory_utilization", "kv_cache_gib",
+               "stop")
 
 
 def registry_entry(registry_path: str, name: str) -> dict:

