@@ -3,7 +3,8 @@
 A worker's start-up (importing vLLM or DeepSpeed and transformers, building the engine
 or the model) allocates millions of long-lived objects and almost no garbage, and the
 collector walks the growing heap again on every few hundred allocations: `from vllm
-import LLM` plus a toy engine took 8.6 CPU-s with it and 7.6 without (README). Used only
+import LLM` plus a toy engine, 26.0 CPU-s with it and 24.2 without (median of 3,
+tests/benchmarks/bench_engine_start.py; README). Used only
 in worker processes around their set-up; the collector is back on before any work.
 """
 from __future__ import annotations
