@@ -132,7 +132,7 @@ class SampleConfig(_Section):
     # The KV cache's size in GiB, whatever the device's memory (vLLM's kv_cache_memory_bytes;
     # overrides gpu_memory_utilization). A small model's cache need not take a share of RAM:
     # on CPU vLLM zero-fills the whole cache and, to size it, runs a warm-up pass first
-    # (toy engine start-up 24.2 -> 12.5 CPU-s, 4.8 -> 0.9 GB: bench_engine_start.py).
+    # (toy engine start-up 24.2 -> 12.5 CPU-s, 4826 -> 933 MiB: bench_engine_start.py).
     kv_cache_gib: Optional[Float] = Field(None, gt=0)
     # Context of the engine (prompt + generated tokens); None: the model's own. A prompt
     # that leaves no room to generate is skipped and counted (stage stats), never fatal.
