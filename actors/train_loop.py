@@ -463,7 +463,10 @@ def _restore(engine, cfg, in_ray) -> tuple[int, list]:
 
 
 def _load(engine, d) -> tuple[int, list]:
-    engine.load_checkpoint(d, tag=CKPT_TAG)
+    loaded, _ = engine.load_checkpoint(d, tag=CKPT_TAG)
+    if loaded is None:  # DeepSpeed only warns when this rank finds no file: it would train on from scratch
+        raise FileNotFoundError(f"checkpoint {d}: no DeepSpeed state under tag {CKPT_TAG!r} for rank "
+                                f"{engine.global_rank}; files: {sorted(p.name for p in Path(d).rglob('*'))[:20]}")
     state = json.loads(Path(d, "state.json").read_text())
     print(f"resumed from checkpoint at step {state['step']}", flush=True)
     return state["step"], state["history"]

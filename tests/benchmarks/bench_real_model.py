@@ -6,7 +6,7 @@ against TRL. Prints figures; it is not a pass/fail test.
         (e.g. ray.max_parallel_stages=1: one stage at a time, so each stage's time is its own)
     python tests/benchmarks/bench_real_model.py sample [--prompts 96] [--n 4] [--max-tokens 128] [--repeat 1]
     python tests/benchmarks/bench_real_model.py train [--examples 128] [--batch-size 16] [--steps 8]
-                                                      [--arms single,ray_train,trl] [--trl-path /tmp/trl_pkgs]
+                                                      [--arms single,ray_train,plain,trl] [--trl-path /tmp/trl_pkgs]
 
 - pipeline: `verifine run configs/smollm2-135m.yaml` (fresh run dir unless given), then
   each stage's wall time (from its manifest) and throughput (output tokens/s of sampling
@@ -25,9 +25,11 @@ against TRL. Prints figures; it is not a pass/fail test.
 - train: the DFT objective on the same positives (toy prompts in SmolLM2's chat
   template, the column-addition solution ending with <|im_end|>, the token the sampler
   stops on), batch size, max_len, steps, AdamW, lr schedule, fp32 on CPU, through
-  verifine's loop (one process: `train_loop`; and the stage's Ray Train path) and TRL's
-  `SFTTrainer(loss_type="dft")`, using tests/benchmarks/bench_train.py's arms with this
-  model. Prints steady-state tokens/s and peak RSS of each; target verifine / TRL >= 1.2.
+  verifine's loop (one process: `train_loop`; and the stage's Ray Train path), the same
+  arithmetic without DeepSpeed (`plain`: the most that cutting the loop's overheads can
+  reach) and TRL's `SFTTrainer(loss_type="dft")`, using tests/benchmarks/bench_train.py's
+  arms with this model. Prints steady-state tokens/s and peak RSS of each; target
+  verifine / TRL >= 1.2.
   TRL is not a verifine dependency: `.venv/bin/pip install --target /tmp/trl_pkgs
   --no-deps trl accelerate`.
 
@@ -243,7 +245,7 @@ def bench_train(args) -> None:
                                        str(args.batch_size), "--steps", str(args.steps), "--max-len",
                                        str(args.max_len), "--skip", str(args.skip), "--lr", str(args.lr),
                                        "--micro-batch-tokens", str(args.micro_batch_tokens), "--trl-path",
-                                       args.trl_path], rusage=True)
+                                       args.trl_path, *[f"--set={o}" for o in args.set]], rusage=True)
                 if r:
                     runs[name].append(r)
                     print(f"[{name}] run {rep + 1}: {r['tok_s']:.0f} tok/s over steps {args.skip + 1}.. "
@@ -252,7 +254,7 @@ def bench_train(args) -> None:
                           f"loss {r['final_loss']:.4f}", flush=True)
     best = {k: sorted(v, key=lambda r: r["tok_s"])[len(v) // 2] for k, v in runs.items() if v}
     print(f"\nload average now {load_avg()}")
-    for name in ("single", "ray_train"):
+    for name in ("single", "ray_train", "plain"):
         if name in best and "trl" in best:
             print(f"{name} / TRL tokens/s: {best[name]['tok_s'] / best['trl']['tok_s']:.2f} "
                   f"({best[name]['tok_s']:.0f} vs {best['trl']['tok_s']:.0f}; target >= 1.2); peak RSS "
@@ -318,7 +320,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--micro-batch-tokens", type=int, default=2048)
     p.add_argument("--logprob-chunk-tokens", type=int, default=0)
-    p.add_argument("--arms", default="single,ray_train,trl")
+    p.add_argument("--arms", default="single,ray_train,plain,trl")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="train: extra config override for the verifine arms (repeatable)")
     p.add_argument("--trl-path", default="/tmp/trl_pkgs")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--arms-sample", default="stage,bare", help="sample: which arms")

@@ -3,7 +3,8 @@ in one process, and TRL's SFTTrainer (DFT), on the same data.
 
     python tests/benchmarks/bench_train.py [--examples 512] [--batch-size 64] [--steps 24]
                                            [--max-len 256] [--skip 3] [--repeat 2] [--torch-threads 0]
-                                           [--arms ray_train,single,trl] [--trl-path /tmp/trl_pkgs]
+                                           [--arms ray_train,single,plain,trl] [--trl-path /tmp/trl_pkgs]
+                                           [--set train.zero_stage=1 ...]
 
 Every arm trains the cached toy base model with the DFT objective on the same rows (toy
 train prompts in the chat template + `toy_task.solution_text`, EOS appended, loss on the
@@ -22,6 +23,11 @@ own child process, one after the other, alternating over --repeat rounds:
   writes to the run store (rank 0's elapsed_s / tokens).
 - single: `actors.train_loop.train_loop` on the same loop config in one process
   (DeepSpeed ZeRO-2, world size 1, no checkpoints), its history's step times.
+- plain: the single arm's arithmetic without DeepSpeed: the same units, schedule,
+  micro-batches and `actors.train_loop.micro_batch_loss` (head, objective), then plain
+  torch clip_grad_norm_, AdamW and LambdaLR. single / plain is what DeepSpeed and the
+  loop's bookkeeping cost; plain / TRL is the most that cutting those can reach without
+  changing the arithmetic.
 - trl: `trl.SFTTrainer` with `SFTConfig(loss_type="dft")` (plain `nll` SFT, with a note,
   if the installed TRL has no DFT), gradient_accumulation_steps=1. Step times from a
   TrainerCallback; token counts from the batches it trains on.
@@ -119,6 +125,7 @@ def pipeline_config(args, model: str, data_dir: str, export: str):
         overrides.append(f"train.micro_batch_tokens={args.micro_batch_tokens}")
     if args.logprob_chunk_tokens:
         overrides.append(f"train.logprob_chunk_tokens={args.logprob_chunk_tokens}")
+    overrides += args.set
     cfg = load_config(None, overrides)
     stage = {s.name: s for s in build_stages(cfg)}["train/dft"]
     view = ConfigView(stage.config, stage.name)
@@ -160,6 +167,50 @@ def arm_single(args, model: str) -> dict:
     t0 = time.perf_counter()
     out = train_loop(loop_cfg)
     return loop_figures(args, model, loop_cfg, out["history"], time.perf_counter() - t0)
+
+
+def arm_plain(args, model: str) -> dict:
+    """The single arm's arithmetic without DeepSpeed: the same units, schedule, micro-batches
+    and `micro_batch_loss` (TokenLogprobModel, the objective), then plain torch clipping,
+    AdamW and LR schedule. The loop's cost over this arm is DeepSpeed's and its own
+    bookkeeping's; this arm's rate over TRL's is the most that cutting them can reach."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from actors.sequences import micro_batches, step_schedule
+    from actors.token_logprobs import TokenLogprobModel
+    from actors.train_loop import _lr_lambda, load_units, micro_batch_loss, unit_length, unit_tokens
+
+    _, _, cfg = pipeline_config(args, model, args.data_dir, "plain")
+    t_call = time.perf_counter()
+    torch.manual_seed(cfg["seed"])
+    tok = AutoTokenizer.from_pretrained(model)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    units = load_units(cfg, tok)
+    schedule = step_schedule(len(units), cfg["batch_size"], cfg["epochs"], cfg["seed"])
+    net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    net.config.use_cache = False
+    head_model = TokenLogprobModel(net, cfg["logprob_chunk_tokens"])
+    params = [q for q in head_model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(len(schedule), cfg["warmup_ratio"]))
+    history, t0 = [], time.time()
+    for step, step_units in enumerate(schedule):
+        normalizer = sum(unit_tokens(units[i]) for i in step_units)
+        plan = micro_batches([unit_length(units[i]) for i in step_units], cfg["micro_batch_tokens"], 1)
+        total_loss, tokens = 0.0, 0
+        for mb in plan:
+            loss, stats = micro_batch_loss(head_model, [units[step_units[i]] for i in mb], cfg["objective"],
+                                           normalizer, cfg, pad_id)
+            loss.backward()
+            total_loss, tokens = total_loss + loss.item(), tokens + stats["tokens"]
+        torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        history.append({"step": step + 1, "elapsed_s": time.time() - t0, "tokens": tokens, "loss": total_loss,
+                        "micro_batches_max": len(plan)})
+    return loop_figures(args, model, cfg, history, time.perf_counter() - t_call)
 
 
 def arm_ray_train(args, model: str) -> dict:
@@ -257,7 +308,7 @@ def arm_trl(args, model_dir: str) -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
-ARMS = {"ray_train": arm_ray_train, "single": arm_single, "trl": arm_trl}
+ARMS = {"ray_train": arm_ray_train, "single": arm_single, "plain": arm_plain, "trl": arm_trl}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -266,6 +317,7 @@ def run_arm(name: str, args, data_dir: str) -> dict | None:
            "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--max-len", str(args.max_len),
            "--skip", str(args.skip), "--lr", str(args.lr), "--micro-batch-tokens", str(args.micro_batch_tokens),
            "--logprob-chunk-tokens", str(args.logprob_chunk_tokens), "--trl-path", args.trl_path]
+    cmd += [f"--set={o}" for o in args.set]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if args.torch_threads:
         env["OMP_NUM_THREADS"] = str(args.torch_threads)
@@ -303,8 +355,10 @@ def main() -> None:
     p.add_argument("--micro-batch-tokens", type=int, default=0,
                    help="verifine token budget per micro-batch (0: configs/toy.yaml's train.micro_batch_tokens)")
     p.add_argument("--logprob-chunk-tokens", type=int, default=0, help="verifine (0: the config's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra config override for the verifine arms (repeatable), e.g. train.zero_stage=1")
     p.add_argument("--trl-path", default="/tmp/trl_pkgs", help="directory holding trl + accelerate")
-    p.add_argument("--arms", default="ray_train,single,trl")
+    p.add_argument("--arms", default="ray_train,single,plain,trl")
     p.add_argument("--repeat", type=int, default=2, help="runs per arm, alternating; the median run is reported")
     p.add_argument("--torch-threads", type=int, default=0,
                    help="OMP_NUM_THREADS for every arm (0: unset; torch then uses one thread per core in a plain "
@@ -363,12 +417,14 @@ def main() -> None:
                      f"checkpoint every {r['checkpoint_every']} steps")
             extra += (f", {r['num_workers']} Ray Train workers" if "num_workers" in r
                       else f", 1 process, {r['torch_threads']} torch threads")
+            if name == "plain":
+                extra = f"{r['micro_batches']} micro-batch(es)/step, no DeepSpeed, {r['torch_threads']} torch threads"
         print(f"{name:9s}: {r['tok_s']:8.0f} tok/s ({r['resp_tok_s']:.0f} response tok/s) in the median of "
               f"{len(rs)} run(s) {[round(x['tok_s']) for x in rs]}; {extra}")
         print(f"{'':9s}  median step {r['median_step_s']:.3f} s, median-step rate {r['median_step_tok_s']:.0f} tok/s;"
               f" over all runs: median {median(x['median_step_tok_s'] for x in rs):.0f}, best "
               f"{max(x['median_step_tok_s'] for x in rs):.0f}")
-        where = {"ray_train": "TorchTrainer.fit()", "single": "train_loop() call"}.get(
+        where = {"ray_train": "TorchTrainer.fit()", "single": "train_loop() call", "plain": "set-up + loop"}.get(
             name, "model load + SFTTrainer set-up + train()")
         print(f"{'':9s}  loop {r['loop_s']:.1f} s for {r['steps']} steps; {where} {r['train_call_s']:.1f} s, so "
               f"start-up (+ export) outside the loop {r['startup_s']:.1f} s"
@@ -390,11 +446,17 @@ def main() -> None:
               f"{single['median_step_s'] / ray['median_step_s']:.2f}  (target >= 0.9)")
         print(f"start-up outside the loop: Ray Train {ray['startup_s']:.1f} s (+ ray.init {ray['ray_init_s']:.1f} s), "
               f"single process {single['startup_s']:.1f} s")
-    for name, r in (("Ray Train", ray), ("single process", single)):
+    plain = best.get("plain")
+    for name, key, r in (("Ray Train", "ray_train", ray), ("single process", "single", single)):
         if r and trl:
-            key = "ray_train" if r is ray else "single"
             print(f"ratio {name} / TRL tokens/s: {r['tok_s'] / trl['tok_s']:.2f} ({steps}); median-step "
                   f"{med[key] / med['trl']:.2f}  (target >= 1.2)")
+    if plain and single:
+        print(f"ratio single process / plain (what DeepSpeed and the loop's bookkeeping cost): "
+              f"{single['tok_s'] / plain['tok_s']:.2f}; median-step {med['single'] / med['plain']:.2f}")
+    if plain and trl:
+        print(f"ratio plain / TRL (the most that cutting the loop's overheads can reach, same arithmetic): "
+              f"{plain['tok_s'] / trl['tok_s']:.2f}; median-step {med['plain'] / med['trl']:.2f}")
 
 
 if __name__ == "__main__":
