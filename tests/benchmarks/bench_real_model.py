@@ -25,7 +25,8 @@ against TRL. Prints figures; it is not a pass/fail test.
 - train: the DFT objective on the same positives (toy prompts in SmolLM2's chat
   template, the column-addition solution ending with <|im_end|>, the token the sampler
   stops on), batch size, max_len, steps, AdamW, lr schedule, fp32 on CPU, through
-  verifine's loop (one process: `train_loop`; and the stage's Ray Train path), the same
+  verifine's loop (one process: `train_loop`; and the stage's Ray Train path; the loop
+  config is configs/smollm2-135m.yaml's train/dft stage, with the options above), the same
   arithmetic without DeepSpeed (`plain`: the most that cutting the loop's overheads can
   reach) and TRL's `SFTTrainer(loss_type="dft")`, using tests/benchmarks/bench_train.py's
   arms with this model. Prints steady-state tokens/s and peak RSS of each; target
@@ -331,6 +332,7 @@ def main() -> None:
     p.add_argument("--arm", help=argparse.SUPPRESS)
     p.add_argument("--data-dir", help=argparse.SUPPRESS)
     args = p.parse_intermixed_args()
+    args.config = str(CONFIG)  # the train arms' loop config: this model's config, not the toy's
     if args.arm:
         run_child_arm(args)
     elif args.part == "pipeline":

@@ -111,7 +111,7 @@ def write_data(data_dir: Path, examples: int, model: str) -> None:
 # ----------------------------------------------------------------------------- arms
 def pipeline_config(args, model: str, data_dir: str, export: str):
     """(pipeline Config, train stage's config view, loop config) exactly as `verifine run`
-    builds them for the DFT stage of configs/toy.yaml, with the benchmark's batch size, lr,
+    builds them for the DFT stage of configs/toy.yaml (or `args.config`), with the benchmark's batch size, lr,
     max length and steps (and token budgets when given) as config overrides."""
     from actors.store import RunStore
     from pipeline.config import load_config
@@ -126,7 +126,7 @@ def pipeline_config(args, model: str, data_dir: str, export: str):
     if args.logprob_chunk_tokens:
         overrides.append(f"train.logprob_chunk_tokens={args.logprob_chunk_tokens}")
     overrides += args.set
-    cfg = load_config(None, overrides)
+    cfg = load_config(getattr(args, "config", None), overrides)  # None: configs/toy.yaml
     stage = {s.name: s for s in build_stages(cfg)}["train/dft"]
     view = ConfigView(stage.config, stage.name)
     loop_cfg = loop_config(view, RunStore(data_dir), "positives.parquet", None, model, f"out/{export}/model")
