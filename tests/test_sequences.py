@@ -164,10 +164,13 @@ def test_memory_estimate_parts(monkeypatch):
     from pipeline.config import load_config
 
     shape = {"params": 1_000_000_000, "hidden": 2048, "layers": 24, "intermediate": 8192, "vocab": 150_000}
-    t = load_config(None, ["train.num_workers=8", "train.micro_batch_tokens=16384", "train.max_len=2048"]).train
+    t = load_config(None, ["train.num_workers=8", "train.micro_batch_tokens=16384", "train.max_len=2048",
+                           "train.zero_stage=2"]).train
     base = train_stage.estimate_memory(shape, t, pairs=False)
     ckpt = train_stage.estimate_memory(shape, t.model_copy(update={"gradient_checkpointing": True}), pairs=False)
     z3 = train_stage.estimate_memory(shape, t.model_copy(update={"zero_stage": 3}), pairs=False)
+    z0 = train_stage.estimate_memory(shape, t.model_copy(update={"zero_stage": 0}), pairs=False)
+    assert (z0["optimizer"], z0["gradients"]) == pytest.approx((8 * base["optimizer"], 8 * base["gradients"]), rel=1e-3)
     assert ckpt["activations"] < base["activations"] / 5 and ckpt["weights"] == base["weights"]
     assert z3["weights"] == pytest.approx(base["weights"] / 8, rel=1e-3)
     assert base["optimizer"] == pytest.approx(8 * 1e9 / 8 / 2 ** 30, rel=1e-3)  # AdamW fp32 state, ZeRO-2 over 8

@@ -15,14 +15,14 @@ own child process, one after the other, alternating over --repeat rounds:
 - ray_train: the stage as `verifine run` runs it. The loop config comes from
   `pipeline.train_stage.loop_config` on the train/dft stage's config view
   (`pipeline.plan.build_stages` on configs/toy.yaml: micro-batch token budget,
-  checkpoint_every, num_workers=2, ZeRO-2 ... as configured there; only batch size, lr,
-  max_len and epochs are set from the arguments), Ray is started by
+  checkpoint_every, num_workers=2, ZeRO-0 ... as configured there; only batch size, lr,
+  max_len and epochs are set from the arguments, and --set overrides), Ray is started by
   `pipeline.ray_session.connect` and the stage runs through
   `pipeline.train_stage.run_with_ray_train` (TorchTrainer, gloo), with checkpoints into a
   fresh storage path per run. Step times come from the per-step metrics file the loop
   writes to the run store (rank 0's elapsed_s / tokens).
 - single: `actors.train_loop.train_loop` on the same loop config in one process
-  (DeepSpeed ZeRO-2, world size 1, no checkpoints), its history's step times.
+  (DeepSpeed at the config's ZeRO stage, world size 1, no checkpoints), its history's step times.
 - plain: the single arm's arithmetic without DeepSpeed: the same units, schedule,
   micro-batches and `actors.train_loop.micro_batch_loss` (head, objective), then plain
   torch clip_grad_norm_, AdamW and LambdaLR. single / plain is what DeepSpeed and the
