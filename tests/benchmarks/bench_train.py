@@ -412,13 +412,13 @@ def main() -> None:
         r = best[name] = sorted(rs, key=lambda x: x["tok_s"])[len(rs) // 2]  # the median run
         if "loss_type" in r:
             extra = f"loss_type {r['loss_type']}, {r['torch_threads']} torch threads"
+        elif name == "plain":
+            extra = f"{r['micro_batches']} micro-batch(es)/step, no DeepSpeed, {r['torch_threads']} torch threads"
         else:
             extra = (f"{r['micro_batches']} micro-batch(es)/step (budget {r['micro_batch_tokens']} tokens), "
                      f"checkpoint every {r['checkpoint_every']} steps")
             extra += (f", {r['num_workers']} Ray Train workers" if "num_workers" in r
                       else f", 1 process, {r['torch_threads']} torch threads")
-            if name == "plain":
-                extra = f"{r['micro_batches']} micro-batch(es)/step, no DeepSpeed, {r['torch_threads']} torch threads"
         print(f"{name:9s}: {r['tok_s']:8.0f} tok/s ({r['resp_tok_s']:.0f} response tok/s) in the median of "
               f"{len(rs)} run(s) {[round(x['tok_s']) for x in rs]}; {extra}")
         print(f"{'':9s}  median step {r['median_step_s']:.3f} s, median-step rate {r['median_step_tok_s']:.0f} tok/s;"
