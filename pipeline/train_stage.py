@@ -11,7 +11,8 @@ from actors.model_source import store_model_source
 from pipeline.external import base_model_source
 from pipeline.ray_session import train_worker_resources
 
-VERSION = 2  # 2: rows over max_len dropped and counted (not cut); gold solutions end with the end-of-turn token
+VERSION = 3  # 2: rows over max_len dropped and counted (not cut); gold solutions end with the end-of-turn token;
+             # 3: fused AdamW (the same update up to float rounding)
 
 
 def check_not_empty(store, data_file: str, kind: str, verify_stats: dict | None) -> int:

@@ -49,8 +49,10 @@ first use (~1.5 GB RSS, tens of seconds), cached in TORCH_EXTENSIONS_DIR
 (~/.cache/torch_extensions); two venvs at different paths sharing that cache rebuild it
 alternately: point TORCH_EXTENSIONS_DIR at a private dir to keep builds out of the runs.
 Ratios: ray_train / single tokens/s, target >= 0.9 (what Ray Train costs per step);
-ray_train / TRL and single / TRL tokens/s, target >= 1.2. The load average is printed
-with every run: on a shared machine the figures move with it.
+ray_train / TRL and single / TRL tokens/s, target >= 1.2; each ratio of the median runs,
+of the median steps, and paired round by round (median and range of the per-round
+ratios: the machine's speed drifts over a call, pairs are minutes apart). The load
+average is printed with every run: on a shared machine the figures move with it.
 """
 from __future__ import annotations
 
@@ -88,6 +90,16 @@ def median_step_rate(times: list[float], tokens: list[int], skip: int) -> float:
 
 
 # ----------------------------------------------------------------------------- data
+def paired(runs: dict[str, list[dict]], a: str, b: str) -> str:
+    """a's tokens/s over b's, round by round (the arms alternate, so a pair ran minutes apart
+    on the same machine; the machine's speed drifts more than that over a call)."""
+    by_round = {r["round"]: r["tok_s"] for r in runs[b]}
+    ratios = sorted(r["tok_s"] / by_round[r["round"]] for r in runs[a] if r["round"] in by_round)
+    if not ratios:
+        return "no round with both"
+    return f"paired by round {median(ratios):.2f} (min {ratios[0]:.2f}, max {ratios[-1]:.2f}, {len(ratios)} rounds)"
+
+
 def write_data(data_dir: Path, examples: int, model: str) -> None:
     """Toy prompt + solution rows: parquet (positives format) for verifine, JSONL for TRL."""
     from transformers import AutoTokenizer
@@ -179,7 +191,7 @@ def arm_plain(args, model: str) -> dict:
 
     from actors.sequences import micro_batches, step_schedule
     from actors.token_logprobs import TokenLogprobModel
-    from actors.train_loop import _lr_lambda, load_units, micro_batch_loss, unit_length, unit_tokens
+    from actors.train_loop import _lr_lambda, load_units, make_optimizer, micro_batch_loss, unit_length, unit_tokens
 
     _, _, cfg = pipeline_config(args, model, args.data_dir, "plain")
     t_call = time.perf_counter()
@@ -192,7 +204,7 @@ def arm_plain(args, model: str) -> dict:
     net.config.use_cache = False
     head_model = TokenLogprobModel(net, cfg["logprob_chunk_tokens"])
     params = [q for q in head_model.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.95))
+    opt = make_optimizer(cfg, params)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(len(schedule), cfg["warmup_ratio"]))
     history, t0 = [], time.time()
     for step, step_units in enumerate(schedule):
@@ -400,7 +412,7 @@ def main() -> None:
             for name in arms:
                 r = run_arm(name, args, tmp)
                 if r:
-                    runs[name].append(r)
+                    runs[name].append({**r, "round": rep})
                     print(f"[{name}] run {rep + 1}: {r['tok_s']:.0f} tok/s over steps {args.skip + 1}.., "
                           f"{r['median_step_tok_s']:.0f} tok/s in the median step ({r['median_step_s']:.3f} s), "
                           f"start-up {r['startup_s']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
@@ -443,20 +455,23 @@ def main() -> None:
     if ray and single:
         print(f"ratio Ray Train / single process tokens/s: {ray['tok_s'] / single['tok_s']:.2f} ({steps}); "
               f"median-step {med['ray_train'] / med['single']:.2f}; step time single/Ray "
-              f"{single['median_step_s'] / ray['median_step_s']:.2f}  (target >= 0.9)")
+              f"{single['median_step_s'] / ray['median_step_s']:.2f}; {paired(runs, 'ray_train', 'single')}"
+              f"  (target >= 0.9)")
         print(f"start-up outside the loop: Ray Train {ray['startup_s']:.1f} s (+ ray.init {ray['ray_init_s']:.1f} s), "
               f"single process {single['startup_s']:.1f} s")
     plain = best.get("plain")
     for name, key, r in (("Ray Train", "ray_train", ray), ("single process", "single", single)):
         if r and trl:
             print(f"ratio {name} / TRL tokens/s: {r['tok_s'] / trl['tok_s']:.2f} ({steps}); median-step "
-                  f"{med[key] / med['trl']:.2f}  (target >= 1.2)")
+                  f"{med[key] / med['trl']:.2f}; {paired(runs, key, 'trl')}  (target >= 1.2)")
     if plain and single:
         print(f"ratio single process / plain (what DeepSpeed and the loop's bookkeeping cost): "
-              f"{single['tok_s'] / plain['tok_s']:.2f}; median-step {med['single'] / med['plain']:.2f}")
+              f"{single['tok_s'] / plain['tok_s']:.2f}; median-step {med['single'] / med['plain']:.2f}; "
+              f"{paired(runs, 'single', 'plain')}")
     if plain and trl:
         print(f"ratio plain / TRL (the most that cutting the loop's overheads can reach, same arithmetic): "
-              f"{plain['tok_s'] / trl['tok_s']:.2f}; median-step {med['plain'] / med['trl']:.2f}")
+              f"{plain['tok_s'] / trl['tok_s']:.2f}; median-step {med['plain'] / med['trl']:.2f}; "
+              f"{paired(runs, 'plain', 'trl')}")
 
 
 if __name__ == "__main__":
