@@ -89,7 +89,6 @@ def median_step_rate(times: list[float], tokens: list[int], skip: int) -> float:
     return median(tokens[i] / max(ends[i + 1] - ends[i], 1e-9) for i in range(skip, len(times)))
 
 
-# ----------------------------------------------------------------------------- data
 def paired(runs: dict[str, list[dict]], a: str, b: str) -> str:
     """a's tokens/s over b's, round by round (the arms alternate, so a pair ran minutes apart
     on the same machine; the machine's speed drifts more than that over a call)."""
@@ -100,6 +99,7 @@ def paired(runs: dict[str, list[dict]], a: str, b: str) -> str:
     return f"paired by round {median(ratios):.2f} (min {ratios[0]:.2f}, max {ratios[-1]:.2f}, {len(ratios)} rounds)"
 
 
+# ----------------------------------------------------------------------------- data
 def write_data(data_dir: Path, examples: int, model: str) -> None:
     """Toy prompt + solution rows: parquet (positives format) for verifine, JSONL for TRL."""
     from transformers import AutoTokenizer
