@@ -207,20 +207,23 @@ def _init_distributed(on_gpu: bool) -> None:
     dist.init_process_group("nccl" if on_gpu else "gloo")
 
 
-def make_optimizer(cfg: dict, params: list) -> torch.optim.Optimizer:
+def make_optimizer(cfg: dict, params: list, total_steps: int):
+    """(optimizer, LR schedule: linear warm-up then cosine over total_steps)."""
     if cfg["optimizer"] == "sgd":  # plain SGD: the update is -lr * grad (used to test scaling)
-        return torch.optim.SGD(params, lr=cfg["lr"])
-    # fused: one kernel over all tensors (CPU and CUDA) instead of a Python loop of small ops
-    # per tensor, the same update; HF Trainer's (and so TRL's) default is fused AdamW too.
-    return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.95), fused=True)
+        opt = torch.optim.SGD(params, lr=cfg["lr"])
+    else:
+        # fused: one kernel over all tensors (CPU and CUDA) instead of a Python loop of small ops
+        # per tensor, the same update; HF Trainer's (and so TRL's) default is fused AdamW too.
+        opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.95),
+                                fused=True)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total_steps, cfg["warmup_ratio"]))
 
 
 def build_engine(cfg: dict, model, total_steps: int):
     import deepspeed
 
     on_gpu = torch.cuda.is_available() and cfg.get("use_gpu", False)
-    opt = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total_steps, cfg["warmup_ratio"]))
+    opt, sched = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], total_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                                            config=_ds_config(cfg, on_gpu))
     return engine, scheduler

@@ -191,7 +191,7 @@ def arm_plain(args, model: str) -> dict:
 
     from actors.sequences import micro_batches, step_schedule
     from actors.token_logprobs import TokenLogprobModel
-    from actors.train_loop import _lr_lambda, load_units, make_optimizer, micro_batch_loss, unit_length, unit_tokens
+    from actors.train_loop import load_units, make_optimizer, micro_batch_loss, unit_length, unit_tokens
 
     _, _, cfg = pipeline_config(args, model, args.data_dir, "plain")
     t_call = time.perf_counter()
@@ -204,8 +204,7 @@ def arm_plain(args, model: str) -> dict:
     net.config.use_cache = False
     head_model = TokenLogprobModel(net, cfg["logprob_chunk_tokens"])
     params = [q for q in head_model.parameters() if q.requires_grad]
-    opt = make_optimizer(cfg, params)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(len(schedule), cfg["warmup_ratio"]))
+    opt, sched = make_optimizer(cfg, params, len(schedule))
     history, t0 = [], time.time()
     for step, step_units in enumerate(schedule):
         normalizer = sum(unit_tokens(units[i]) for i in step_units)
