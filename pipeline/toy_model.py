@@ -37,6 +37,7 @@ MODEL_SHAPE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2,
 
 
 def cache_root() -> Path:
+    """Where models built here live: $VERIFINE_CACHE, default ~/.cache/verifine."""
     return Path(os.environ.get("VERIFINE_CACHE", Path.home() / ".cache" / "verifine"))
 
 
@@ -47,13 +48,18 @@ def toy_model_dir(seed: int = 0) -> Path:
 
 def ensure_toy_model(seed: int = 0, log=print) -> Path:
     """Return the cached toy model directory, building it first if needed."""
-    target = toy_model_dir(seed)
+    return build_once(toy_model_dir(seed), lambda tmp: build_toy_model(tmp, seed=seed, log=log))
+
+
+def build_once(target: Path, build) -> Path:
+    """`target`, after `build(tmp)` filled a temporary directory beside it (ending with
+    build.json) unless a complete build is there already."""
     if (target / "build.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
-        build_toy_model(tmp, seed=seed, log=log)
+        build(tmp)
         try:
             os.rename(tmp, target)  # atomic: a half-built model never looks complete
         except OSError:
