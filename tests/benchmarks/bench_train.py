@@ -22,15 +22,23 @@ own child process, one after the other, alternating over --repeat rounds:
   fresh storage path per run. Step times come from the per-step metrics file the loop
   writes to the run store (rank 0's elapsed_s / tokens).
 - single: `actors.train_loop.train_loop` on the same loop config in one process
-  (DeepSpeed at the config's ZeRO stage, world size 1, no checkpoints), its history's step times.
+  (DeepSpeed at the config's ZeRO stage, world size 1; its checkpoints go to a local
+  directory), its history's step times.
 - plain: the single arm's arithmetic without DeepSpeed: the same units, schedule,
   micro-batches and `actors.train_loop.micro_batch_loss` (head, objective), then plain
-  torch clip_grad_norm_, AdamW and LambdaLR. single / plain is what DeepSpeed and the
-  loop's bookkeeping cost; plain / TRL is the most that cutting those can reach without
+  torch clip_grad_norm_, AdamW and LambdaLR, and `torch.save` of model, optimizer and
+  schedule as its checkpoints. single / plain is what DeepSpeed and the loop's
+  bookkeeping cost; plain / TRL is the most that cutting those can reach without
   changing the arithmetic.
 - trl: `trl.SFTTrainer` with `SFTConfig(loss_type="dft")` (plain `nll` SFT, with a note,
-  if the installed TRL has no DFT), gradient_accumulation_steps=1. Step times from a
+  if the installed TRL has no DFT), gradient_accumulation_steps=1, saving its resumable
+  checkpoints (model, optimizer, schedule, RNG) with `save_steps`. Step times from a
   TrainerCallback; token counts from the batches it trains on.
+
+Every arm saves a resumable checkpoint every `train.checkpoint_every` steps of the loop
+config (configs/toy.yaml: 20), as the stage does for fault tolerance, so all of them do
+the same work; a save falls into the next step's time. The last step's save comes after
+the last step's clock in every arm.
 
 TRL is not a dependency of verifine: install it outside the project venv, e.g.
     .venv/bin/pip install --target /tmp/trl_pkgs --no-deps trl accelerate
@@ -176,6 +184,7 @@ def arm_single(args, model: str) -> dict:
     from actors.train_loop import train_loop
 
     _, _, loop_cfg = pipeline_config(args, model, args.data_dir, "single")
+    loop_cfg["local_checkpoint_dir"] = tempfile.mkdtemp(prefix="ckpt-single-", dir=args.data_dir)
     t0 = time.perf_counter()
     out = train_loop(loop_cfg)
     return loop_figures(args, model, loop_cfg, out["history"], time.perf_counter() - t0)
@@ -221,6 +230,9 @@ def arm_plain(args, model: str) -> dict:
         opt.zero_grad(set_to_none=True)
         history.append({"step": step + 1, "elapsed_s": time.time() - t0, "tokens": tokens, "loss": total_loss,
                         "micro_batches_max": len(plan)})
+        if (step + 1) % cfg["checkpoint_every"] == 0 or step + 1 == len(schedule):  # as the loop's cadence
+            torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict()},
+                       os.path.join(args.data_dir, "plain-checkpoint.pt"))
     return loop_figures(args, model, cfg, history, time.perf_counter() - t_call)
 
 
@@ -274,13 +286,15 @@ def arm_trl(args, model_dir: str) -> dict:
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     data = load_dataset("json", data_files=os.path.join(args.data_dir, "train.jsonl"), split="train")
+    _, _, loop_cfg = pipeline_config(args, model_dir, args.data_dir, "trl")  # the stage's checkpoint cadence
     warmup = max(1, int(round(args.steps * 0.1)))
     config = SFTConfig(
         output_dir=os.path.join(args.data_dir, "trl-out"), loss_type=loss_type, max_length=args.max_len,
         per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1, max_steps=args.steps,
         learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=warmup, weight_decay=0.0,
         adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, optim="adamw_torch", use_cpu=True, bf16=False,
-        fp16=False, gradient_checkpointing=False, packing=False, padding_free=False, save_strategy="no",
+        fp16=False, gradient_checkpointing=False, packing=False, padding_free=False, save_strategy="steps",
+        save_steps=loop_cfg["checkpoint_every"],
         report_to="none", logging_steps=10 ** 6, disable_tqdm=True, dataloader_num_workers=0, seed=0,
         completion_only_loss=True)
 
@@ -316,7 +330,8 @@ def arm_trl(args, model_dir: str) -> dict:
             "startup_s": call_s - times[-1],
             "mean_loss": result.training_loss,
             "loss_type": loss_type, "note": note, "trl_version": trl.__version__,
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "checkpoint_every": loop_cfg["checkpoint_every"],
+            "checkpoints_saved": sorted(p.name for p in Path(config.output_dir).glob("checkpoint-*"))}
 
 
 ARMS = {"ray_train": arm_ray_train, "single": arm_single, "plain": arm_plain, "trl": arm_trl}
@@ -426,10 +441,10 @@ def main() -> None:
         elif name == "plain":
             extra = f"{r['micro_batches']} micro-batch(es)/step, no DeepSpeed, {r['torch_threads']} torch threads"
         else:
-            extra = (f"{r['micro_batches']} micro-batch(es)/step (budget {r['micro_batch_tokens']} tokens), "
-                     f"checkpoint every {r['checkpoint_every']} steps")
+            extra = f"{r['micro_batches']} micro-batch(es)/step (budget {r['micro_batch_tokens']} tokens)"
             extra += (f", {r['num_workers']} Ray Train workers" if "num_workers" in r
                       else f", 1 process, {r['torch_threads']} torch threads")
+        extra += f", checkpoint every {r['checkpoint_every']} steps"
         print(f"{name:9s}: {r['tok_s']:8.0f} tok/s ({r['resp_tok_s']:.0f} response tok/s) in the median of "
               f"{len(rs)} run(s) {[round(x['tok_s']) for x in rs]}; {extra}")
         print(f"{'':9s}  median step {r['median_step_s']:.3f} s, median-step rate {r['median_step_tok_s']:.0f} tok/s;"
