@@ -16,6 +16,11 @@ from actors.store import is_remote
 
 
 DRIVER_ENV_VARS = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+# A local Ray that verifine starts has no dashboard and no preemptible nodes, so Ray
+# Train's dashboard metrics and its node-preemption watcher (an actor per training run)
+# serve nothing there; on a cluster they stay as the cluster sets them. A value already
+# in the environment wins.
+LOCAL_RAY_ENV_VARS = {"RAY_TRAIN_METRICS_ENABLED": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 RESERVED_RESOURCES = ("CPU", "GPU", "TPU", "memory", "object_store_memory")  # each stage asks for its own
 WORKER_RESOURCE_AMOUNT = 0.001  # a label, not a quota: one unit on a node admits 1000 such workers
 _placement: dict[str, float] = {}  # {ray.worker_resource: WORKER_RESOURCE_AMOUNT} of this driver, set by connect()
@@ -52,6 +57,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, log=print,
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         log(f"connected to Ray cluster at {address}")
     else:
+        for k, v in LOCAL_RAY_ENV_VARS.items():  # the driver reads some, the controller actor others
+            env["env_vars"][k] = os.environ.setdefault(k, v)
         ray.init(num_cpus=num_cpus or local_logical_cpus(), include_dashboard=False, runtime_env=env)
         log(f"started a local Ray ({ray.cluster_resources().get('CPU', 0):.0f} logical CPUs)")
     ray.data.DataContext.get_current().enable_progress_bars = False

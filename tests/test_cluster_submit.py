@@ -120,6 +120,28 @@ def test_job_driver_leaves_the_jobs_env_vars_alone(monkeypatch):
     assert calls[1]["runtime_env"]["env_vars"] == ray_session.DRIVER_ENV_VARS
 
 
+def test_a_local_ray_runs_training_without_dashboard_metrics_or_preemption_watcher(monkeypatch):
+    """Only a Ray verifine starts itself (no dashboard, no preemptible nodes) turns off Ray
+    Train's dashboard metrics and preemption watcher, in the driver and in the runtime env
+    its actors get; a user's own value wins; a cluster keeps its settings."""
+    from pipeline import ray_session
+
+    calls = _fake_ray_init(monkeypatch)
+    for k in ray_session.LOCAL_RAY_ENV_VARS:
+        monkeypatch.delenv(k, raising=False)
+    ray_session.connect(log=lambda *_: None)  # RAY_ADDRESS set: a cluster
+    assert not set(ray_session.LOCAL_RAY_ENV_VARS) & set(calls[0]["runtime_env"]["env_vars"])
+    assert not set(ray_session.LOCAL_RAY_ENV_VARS) & set(os.environ)
+
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setenv("RAY_TRAIN_METRICS_ENABLED", "1")  # the user's choice
+    ray_session.connect(log=lambda *_: None)
+    env_vars = calls[1]["runtime_env"]["env_vars"]
+    assert env_vars["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    assert env_vars["RAY_TRAIN_METRICS_ENABLED"] == os.environ["RAY_TRAIN_METRICS_ENABLED"] == "1"
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")  # connect() set it in this process
+
+
 def test_worker_resource_reaches_model_loading_workers_only_when_set(monkeypatch):
     """ray.worker_resource: a custom resource added to the requests of every worker that
     loads a model; nothing changes when it is not set; CPU/GPU stay the stages' own."""
