@@ -127,8 +127,9 @@ def test_a_local_ray_runs_training_without_dashboard_metrics_or_preemption_watch
     from pipeline import ray_session
 
     calls = _fake_ray_init(monkeypatch)
-    for k in ray_session.LOCAL_RAY_ENV_VARS:
-        monkeypatch.delenv(k, raising=False)
+    for k in ray_session.LOCAL_RAY_ENV_VARS:  # unset now and after the test, whatever connect() sets
+        monkeypatch.setenv(k, "")
+        monkeypatch.delenv(k)
     ray_session.connect(log=lambda *_: None)  # RAY_ADDRESS set: a cluster
     assert not set(ray_session.LOCAL_RAY_ENV_VARS) & set(calls[0]["runtime_env"]["env_vars"])
     assert not set(ray_session.LOCAL_RAY_ENV_VARS) & set(os.environ)
@@ -139,7 +140,6 @@ def test_a_local_ray_runs_training_without_dashboard_metrics_or_preemption_watch
     env_vars = calls[1]["runtime_env"]["env_vars"]
     assert env_vars["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
     assert env_vars["RAY_TRAIN_METRICS_ENABLED"] == os.environ["RAY_TRAIN_METRICS_ENABLED"] == "1"
-    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")  # connect() set it in this process
 
 
 def test_worker_resource_reaches_model_loading_workers_only_when_set(monkeypatch):
