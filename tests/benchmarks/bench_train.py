@@ -437,7 +437,8 @@ def main() -> None:
             continue
         r = best[name] = sorted(rs, key=lambda x: x["tok_s"])[len(rs) // 2]  # the median run
         if "loss_type" in r:
-            extra = f"loss_type {r['loss_type']}, {r['torch_threads']} torch threads"
+            extra = (f"loss_type {r['loss_type']}, {r['torch_threads']} torch threads, "
+                     f"saved {', '.join(r['checkpoints_saved']) or 'no checkpoint'}")
         elif name == "plain":
             extra = f"{r['micro_batches']} micro-batch(es)/step, no DeepSpeed, {r['torch_threads']} torch threads"
         else:
