@@ -219,10 +219,27 @@ def make_optimizer(cfg: dict, params: list, total_steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total_steps, cfg["warmup_ratio"]))
 
 
+SHM_COMM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU shared-memory all-reduce (ShareMemCommBuilder.NAME)
+
+
+def skip_inference_comm_op() -> None:
+    """On CPU, DeepSpeed's comm backend JIT-compiles and loads a shared-memory all-reduce
+    kernel at init. Only `inference_all_reduce` (tensor-parallel inference, AutoTP) calls
+    it; training's all-reduces go through torch.distributed (gloo). Marking the op
+    incompatible in DeepSpeed's compatibility table (a module-level dict DeepSpeed keeps
+    for such edits) skips the C++ build a machine's first training run paid (60 CPU-s of
+    cc1plus on 2 cores; again whenever the venv's path changes) and its load in every worker."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+
+
 def build_engine(cfg: dict, model, total_steps: int):
     import deepspeed
 
     on_gpu = torch.cuda.is_available() and cfg.get("use_gpu", False)
+    if not on_gpu:
+        skip_inference_comm_op()
     opt, sched = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], total_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                                            config=_ds_config(cfg, on_gpu))

@@ -183,6 +183,28 @@ def test_ray_train_report_only_at_checkpoints_or_report_every(toy_model, ray_loc
     assert all(m["tokens"] > 0 and m["elapsed_s"] > 0 for m in metrics)
 
 
+def test_cpu_engine_builds_no_inference_comm_kernel(tmp_path):
+    """DeepSpeed's CPU backend would JIT-compile its shared-memory inference all-reduce
+    into TORCH_EXTENSIONS_DIR at init; the training engine neither builds nor loads it.
+    In a fresh process, so DeepSpeed's comm backend is created here and not reused."""
+    code = """if True:
+        import torch, deepspeed.comm.comm as ds_comm
+        from actors.train_loop import _init_distributed, build_engine
+        _init_distributed(on_gpu=False)
+        cfg = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0, "warmup_ratio": 0.0, "grad_clip": 1.0,
+               "zero_stage": 0, "precision": "fp32", "use_gpu": False}
+        engine, _ = build_engine(cfg, torch.nn.Linear(4, 4), total_steps=2)
+        print("shm op loaded:", ds_comm.cdb.shm_comm_op is not None)
+    """
+    ext_dir = tmp_path / "torch_extensions"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext_dir)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "shm op loaded: False" in out.stdout
+    assert not ext_dir.exists() or not any(ext_dir.rglob("*.so")), "a C++ extension was built"
+
+
 def test_metrics_log_writes_in_background_and_on_demand(tmp_path):
     """Rank 0's metrics file follows the history from a background thread (the step never
     waits on the store), is brought up to date synchronously on write()/close(), and is
