@@ -1,6 +1,6 @@
 """Reference scorer: per-token log-probs of the frozen base model over the response
-tokens of training rows, computed once (Ray Data actors) and stored, so DPO and the
-f-divergence objectives never hold a second model while training."""
+tokens of training rows, computed once (one Ray actor per reference stage) and stored,
+so DPO and the f-divergence objectives never hold a second model while training."""
 from __future__ import annotations
 
 import torch
@@ -10,12 +10,10 @@ from actors.token_logprobs import causal_lm_token_logprobs
 
 
 class ReferenceScorer:
-    """Ray Data callable class. Rows carry `prompt` and the completion columns named in
-    `targets`; for each target column c it adds `ref_<c>` (list of floats, one per
-    response token, aligned with actors.sequences.encode)."""
+    """One model, loaded once, scoring any number of row sets (`score_rows`) or plain
+    (prompt, completion) lists (`score`)."""
 
-    def __init__(self, model_source, max_len: int, targets: list[str], token_budget: int = 8192,
-                 chunk_tokens: int = 2048, template: str | None = None):
+    def __init__(self, model_source, max_len: int, token_budget: int = 8192, chunk_tokens: int = 2048):
         from actors.gc_pause import gc_paused
         from actors.model_source import local_model_path
 
@@ -27,8 +25,7 @@ class ReferenceScorer:
             device = "cuda" if torch.cuda.is_available() else "cpu"
             dtype = torch.bfloat16 if device == "cuda" else torch.float32
             self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
-        self.max_len, self.targets, self.budget, self.chunk = max_len, targets, token_budget, chunk_tokens
-        self.template = template  # set: rows carry `problem`, rendered here as the train loop renders it
+        self.max_len, self.budget, self.chunk = max_len, token_budget, chunk_tokens
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
 
     @torch.no_grad()
@@ -48,15 +45,19 @@ class ReferenceScorer:
                 out[i] = logp[row][m].tolist()
         return out
 
-    def __call__(self, batch: dict) -> dict:
-        if self.template:
+    def score_rows(self, rows: list[dict], targets: list[str], template: str | None = None) -> list[dict]:
+        """For each row and each completion column c in `targets`, {"ref_<c>": log-probs,
+        one per response token, aligned with actors.sequences.encode; [] for a row over
+        max_len}. Rows carry `prompt`, or with a `template` a `problem` rendered here as
+        the train loop renders it (a gold demonstration, so its turn is closed)."""
+        if template:
             from actors.prompt_templates import render_prompt
 
-            prompts = [render_prompt(self.tokenizer, self.template, p) for p in batch["problem"]]
+            prompts = [render_prompt(self.tokenizer, template, r["problem"]) for r in rows]
         else:
-            prompts = list(batch["prompt"])
-        for col in self.targets:
-            scores = self.score(prompts, list(batch[col]), close_turn=bool(self.template))  # gold: a demonstration
-            batch[f"ref_{col}"] = [s if s is not None else [] for s in scores]
-            batch[f"ref_{col}_tokens"] = [len(s) if s is not None else 0 for s in scores]
-        return batch
+            prompts = [r["prompt"] for r in rows]
+        out: list[dict] = [{} for _ in rows]
+        for col in targets:
+            for o, s in zip(out, self.score(prompts, [r[col] for r in rows], close_turn=bool(template))):
+                o[f"ref_{col}"] = s if s is not None else []
+        return out

@@ -1,12 +1,17 @@
 """Reference stage: the frozen base model's per-token log-probs over the response tokens
-of the training rows that need them (DPO pairs, f-divergence positives), computed once
-by Ray Data actors and stored, so training never holds a second model."""
+of the training rows that need them (DPO pairs, f-divergence positives, gold
+demonstrations), computed once and stored, so training never holds a second model. One
+scorer actor serves every data set of the stage: one process start-up and model load,
+not one per set."""
 from __future__ import annotations
 
 from pipeline.external import base_model_source
 from pipeline.ray_session import worker_remote_args
 
 VERSION = 2  # 2: rows over max_len dropped (not cut); gold solutions end with the end-of-turn token
+
+
+BATCH_ROWS = 64  # rows per call: the actor works through them while the next calls queue
 
 
 def run_reference(ctx):
@@ -20,24 +25,31 @@ def run_reference(ctx):
         model = base_model_source(ctx.stage.external["base_model"], ctx.store, ctx.log)
     else:
         model = store_model_source(ctx.store.uri, ctx.upstream[f"train/{c.reference_model}"])
-    files, stats = [], {}
-    for kind in c.reference_sets:
-        items, keys, targets, template = _rows_to_score(ctx, kind)
-        out_path = f"{ctx.work_dir}/{kind}.parquet"
-        scored = []
-        if items:
-            ds = ray.data.from_items(items)
-            ds = ds.map_batches(ReferenceScorer, fn_constructor_args=(model, c.train.max_len, targets),
-                                fn_constructor_kwargs={"template": template}, batch_size=64, concurrency=1,
-                                num_cpus=1, num_gpus=1 if c.train.use_gpu else None, **worker_remote_args())
-            scored = [{k: r[k] for k in keys + [f"ref_{t}" for t in targets]} for r in ds.iter_rows()]
-        for r in scored:
-            for t in targets:
-                r[f"ref_{t}"] = [float(x) for x in r[f"ref_{t}"]]
-        ctx.store.write_rows(out_path, scored)
-        files.append(out_path)
-        stats[kind] = len(scored)
-        ctx.log(f"  {c.reference_model} log-probs for {len(scored)} {kind} rows")
+    sets = {kind: _rows_to_score(ctx, kind) for kind in c.reference_sets}
+    scorer = None
+    pending = {}
+    try:
+        for kind, (items, _, targets, template) in sets.items():
+            if items and scorer is None:
+                scorer = ray.remote(ReferenceScorer).options(
+                    num_cpus=1, num_gpus=1 if c.train.use_gpu else 0,
+                    **worker_remote_args()).remote(model, c.train.max_len)
+            # Every set's calls are queued at once: the actor never waits on the driver.
+            pending[kind] = [scorer.score_rows.remote(items[i:i + BATCH_ROWS], targets, template)
+                             for i in range(0, len(items), BATCH_ROWS)]
+        files, stats = [], {}
+        for kind, (items, keys, _, _) in sets.items():
+            scores = [s for part in ray.get(pending[kind]) for s in part]
+            scored = [{**{k: row[k] for k in keys}, **{col: [float(x) for x in v] for col, v in s.items()}}
+                      for row, s in zip(items, scores)]
+            out_path = f"{ctx.work_dir}/{kind}.parquet"
+            ctx.store.write_rows(out_path, scored)
+            files.append(out_path)
+            stats[kind] = len(scored)
+            ctx.log(f"  {c.reference_model} log-probs for {len(scored)} {kind} rows")
+    finally:
+        if scorer is not None:
+            ray.kill(scorer)
     return files, stats
 
 

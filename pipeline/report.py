@@ -313,7 +313,7 @@ def token_probabilities(store, manifests: dict, bench: str, base_source, max_len
 def _score(model_source, max_len, prompts, completions):
     from actors.reference import ReferenceScorer
 
-    return [s or [] for s in ReferenceScorer(model_source, max_len, ["completion"]).score(prompts, completions)]
+    return [s or [] for s in ReferenceScorer(model_source, max_len).score(prompts, completions)]
 
 
 def write_report(store, work_dir: str, manifests: dict, c, base_source, log=print,

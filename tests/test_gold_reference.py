@@ -24,11 +24,12 @@ def gold(toy_model, tmp_path_factory):
     store = RunStore(str(tmp_path_factory.mktemp("gold")))
     rows = [prompt_row(p) for p in make_problems("train", 6, seed=1)]
     store.write_rows("prompts.parquet", rows)
-    scorer = ReferenceScorer(toy_model, 256, ["completion"], template="chat")
-    scored = scorer({"prompt_id": [r["prompt_id"] for r in rows], "sample_idx": [0] * len(rows),
-                     "problem": [r["problem"] for r in rows], "completion": [r["solution"] for r in rows]})
-    store.write_rows("ref.parquet", [{"prompt_id": p, "sample_idx": 0, "ref_completion": list(map(float, ref))}
-                                     for p, ref in zip(scored["prompt_id"], scored["ref_completion"])])
+    scorer = ReferenceScorer(toy_model, 256)
+    scored = scorer.score_rows([{"problem": r["problem"], "completion": r["solution"]} for r in rows],
+                               ["completion"], template="chat")
+    store.write_rows("ref.parquet", [{"prompt_id": r["prompt_id"], "sample_idx": 0,
+                                      "ref_completion": list(map(float, s["ref_completion"]))}
+                                     for r, s in zip(rows, scored)])
     tokenizer = AutoTokenizer.from_pretrained(toy_model)
     cfg = {"store_uri": store.uri, "data_file": "prompts.parquet", "reference_file": "ref.parquet", "data": "gold",
            "template": "chat", "max_len": 256}

@@ -66,7 +66,7 @@ def test_dpo_after_sft_scores_pairs_with_the_sft_model(recipe_run):
     rows = store.read_rows(next(f for f in ref["files"] if f.endswith("pairs.parquet")))[:8]
     pairs = {(p["prompt_id"], p["pair_idx"]): p for p in store.read_rows(
         next(f for f in read_manifest(store, "verify")["files"] if f.endswith("pairs.parquet")))}
-    scorer = ReferenceScorer(local_model_path(parent), cfg.train.max_len, ["chosen"])
+    scorer = ReferenceScorer(local_model_path(parent), cfg.train.max_len)
     direct = scorer.score([pairs[r["prompt_id"], r["pair_idx"]]["prompt"] for r in rows],
                           [pairs[r["prompt_id"], r["pair_idx"]]["chosen"] for r in rows])
     for row, expected in zip(rows, direct):
