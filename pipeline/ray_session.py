@@ -18,9 +18,13 @@ from actors.store import is_remote
 DRIVER_ENV_VARS = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
 # A local Ray that verifine starts has no dashboard and no preemptible nodes, so Ray
 # Train's dashboard metrics and its node-preemption watcher (an actor per training run)
-# serve nothing there; on a cluster they stay as the cluster sets them. A value already
-# in the environment wins.
-LOCAL_RAY_ENV_VARS = {"RAY_TRAIN_METRICS_ENABLED": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# serve nothing there. Its controller polls its few local workers every 0.5 s instead of
+# 2 s: each step of a training run's life (workers up, a checkpoint taken, the loop
+# finished) waits for the next poll, and a toy training stage alone took 3.3 s less
+# (median difference of 7 alternating pairs, README). On a cluster all three stay as the cluster
+# sets them. A value already in the environment wins.
+LOCAL_RAY_ENV_VARS = {"RAY_TRAIN_METRICS_ENABLED": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                      "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 RESERVED_RESOURCES = ("CPU", "GPU", "TPU", "memory", "object_store_memory")  # each stage asks for its own
 WORKER_RESOURCE_AMOUNT = 0.001  # a label, not a quota: one unit on a node admits 1000 such workers
 _placement: dict[str, float] = {}  # {ray.worker_resource: WORKER_RESOURCE_AMOUNT} of this driver, set by connect()

@@ -122,8 +122,9 @@ def test_job_driver_leaves_the_jobs_env_vars_alone(monkeypatch):
 
 def test_a_local_ray_runs_training_without_dashboard_metrics_or_preemption_watcher(monkeypatch):
     """Only a Ray verifine starts itself (no dashboard, no preemptible nodes) turns off Ray
-    Train's dashboard metrics and preemption watcher, in the driver and in the runtime env
-    its actors get; a user's own value wins; a cluster keeps its settings."""
+    Train's dashboard metrics and preemption watcher and shortens its controller's poll,
+    in the driver and in the runtime env its actors get; a user's own value wins; a
+    cluster keeps its settings."""
     from pipeline import ray_session
 
     calls = _fake_ray_init(monkeypatch)
@@ -140,6 +141,7 @@ def test_a_local_ray_runs_training_without_dashboard_metrics_or_preemption_watch
     env_vars = calls[1]["runtime_env"]["env_vars"]
     assert env_vars["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
     assert env_vars["RAY_TRAIN_METRICS_ENABLED"] == os.environ["RAY_TRAIN_METRICS_ENABLED"] == "1"
+    assert env_vars["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
 
 
 def test_worker_resource_reaches_model_loading_workers_only_when_set(monkeypatch):
