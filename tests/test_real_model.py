@@ -185,7 +185,7 @@ def test_sampler_stops_at_end_of_turn_when_eos_differs(toy_with_other_eos, ray_l
     assert tok.eos_token == "<|endoftext|>" and eos != im_end and stop_token_ids(tok) == [eos, im_end]
     store = RunStore(str(tmp_path))
     problems = [toy_task.prompt_row(p) for p in toy_task.make_problems("id", 16, seed=0)]
-    spec = EngineSpec(model=toy_with_other_eos, n=2, max_tokens=120, gpu_memory_utilization=0.1)
+    spec = EngineSpec(model=toy_with_other_eos, n=2, max_tokens=120, kv_cache_gib=0.25)
     files, _ = sample_jobs(store, [SampleJob("samples", problems, "chat")], spec, 1, 0, 16)
     rows = store.read_rows(*files[0])
     stopped = [r for r in rows if r["finish_reason"] == "stop"]
