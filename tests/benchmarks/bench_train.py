@@ -3,7 +3,7 @@ in one process, and TRL's SFTTrainer (DFT), on the same data.
 
     python tests/benchmarks/bench_train.py [--examples 512] [--batch-size 64] [--steps 24]
                                            [--max-len 256] [--skip 3] [--repeat 2] [--torch-threads 0]
-                                           [--arms ray_train,single,plain,trl] [--trl-path /tmp/trl_pkgs]
+                                           [--arms ray_train,torchrun,single,plain,trl] [--trl-path /tmp/trl_pkgs]
                                            [--set train.zero_stage=1 ...]
 
 Every arm trains the cached toy base model with the DFT objective on the same rows (toy
@@ -21,6 +21,12 @@ own child process, one after the other, alternating over --repeat rounds:
   `pipeline.train_stage.run_with_ray_train` (TorchTrainer, gloo), with checkpoints into a
   fresh storage path per run. Step times come from the per-step metrics file the loop
   writes to the run store (rank 0's elapsed_s / tokens).
+- torchrun: the ray_train arm's workers without Ray: `actors.train_loop.train_loop` on
+  the same loop config in as many processes as the stage has workers, launched by
+  `torch.distributed.run` (gloo, one OpenMP thread each, as Ray gives a 1-CPU worker;
+  checkpoints into one shared local directory). ray_train / torchrun is what Ray Train
+  itself costs per step; torchrun's rate against the single arm's at the same thread
+  count is what data parallelism costs (gradient all-reduce, ranks in lock-step).
 - single: `actors.train_loop.train_loop` on the same loop config in one process
   (DeepSpeed at the config's ZeRO stage, world size 1; its checkpoints go to a local
   directory), its history's step times.
@@ -190,6 +196,19 @@ def arm_single(args, model: str) -> dict:
     return loop_figures(args, model, loop_cfg, out["history"], time.perf_counter() - t0)
 
 
+def arm_torchrun(args, model: str) -> dict:
+    """One rank of the torchrun arm (RANK, WORLD_SIZE, MASTER_* from torch.distributed.run)."""
+    from actors.train_loop import train_loop
+
+    _, _, loop_cfg = pipeline_config(args, model, args.data_dir, "torchrun")
+    loop_cfg["local_checkpoint_dir"] = os.path.join(args.data_dir, "ckpt-torchrun")  # one for all ranks, as a store
+    t0 = time.perf_counter()
+    out = train_loop(loop_cfg)
+    res = loop_figures(args, model, loop_cfg, out["history"], time.perf_counter() - t0)
+    res.update(processes=int(os.environ["WORLD_SIZE"]))
+    return res
+
+
 def arm_plain(args, model: str) -> dict:
     """The single arm's arithmetic without DeepSpeed: the same units, schedule, micro-batches
     and `micro_batch_loss` (TokenLogprobModel, the objective), then plain torch clipping,
@@ -334,12 +353,16 @@ def arm_trl(args, model_dir: str) -> dict:
             "checkpoints_saved": sorted(p.name for p in Path(config.output_dir).glob("checkpoint-*"))}
 
 
-ARMS = {"ray_train": arm_ray_train, "single": arm_single, "plain": arm_plain, "trl": arm_trl}
+ARMS = {"ray_train": arm_ray_train, "torchrun": arm_torchrun, "single": arm_single, "plain": arm_plain,
+        "trl": arm_trl}
 
 
 # ----------------------------------------------------------------------------- driver
 def run_arm(name: str, args, data_dir: str) -> dict | None:
-    cmd = [sys.executable, __file__, "--arm", name, "--data-dir", data_dir, "--examples", str(args.examples),
+    launcher = [sys.executable]
+    if name == "torchrun":  # as many ranks as the stage has workers; a free port of its own
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.stage_workers}"]
+    cmd = launcher + [__file__, "--arm", name, "--data-dir", data_dir, "--examples", str(args.examples),
            "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--max-len", str(args.max_len),
            "--skip", str(args.skip), "--lr", str(args.lr), "--micro-batch-tokens", str(args.micro_batch_tokens),
            "--logprob-chunk-tokens", str(args.logprob_chunk_tokens), "--trl-path", args.trl_path]
@@ -384,7 +407,7 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override for the verifine arms (repeatable), e.g. train.zero_stage=1")
     p.add_argument("--trl-path", default="/tmp/trl_pkgs", help="directory holding trl + accelerate")
-    p.add_argument("--arms", default="ray_train,single,plain,trl")
+    p.add_argument("--arms", default="ray_train,torchrun,single,plain,trl")
     p.add_argument("--repeat", type=int, default=2, help="runs per arm, alternating; the median run is reported")
     p.add_argument("--torch-threads", type=int, default=0,
                    help="OMP_NUM_THREADS for every arm (0: unset; torch then uses one thread per core in a plain "
@@ -403,6 +426,8 @@ def main() -> None:
         import resource
 
         res = ARMS[args.arm](args, model)
+        if os.environ.get("RANK", "0") != "0":  # a torchrun rank other than 0: rank 0 reports
+            return
         res["self_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
         print(RESULT + json.dumps(res), flush=True)
         return
@@ -422,6 +447,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {name: [] for name in arms}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         write_data(Path(tmp), args.examples, model)
+        args.stage_workers = pipeline_config(args, model, tmp, "probe")[1].train.num_workers
         for rep in range(args.repeat):  # arms alternate, so a burst of outside load hits all of them
             for name in arms:
                 r = run_arm(name, args, tmp)
@@ -441,6 +467,9 @@ def main() -> None:
                      f"saved {', '.join(r['checkpoints_saved']) or 'no checkpoint'}")
         elif name == "plain":
             extra = f"{r['micro_batches']} micro-batch(es)/step, no DeepSpeed, {r['torch_threads']} torch threads"
+        elif name == "torchrun":
+            extra = (f"{r['micro_batches']} micro-batch(es)/step (budget {r['micro_batch_tokens']} tokens), "
+                     f"{r['processes']} processes (gloo), {r['torch_threads']} torch thread(s) each")
         else:
             extra = f"{r['micro_batches']} micro-batch(es)/step (budget {r['micro_batch_tokens']} tokens)"
             extra += (f", {r['num_workers']} Ray Train workers" if "num_workers" in r
@@ -451,7 +480,8 @@ def main() -> None:
         print(f"{'':9s}  median step {r['median_step_s']:.3f} s, median-step rate {r['median_step_tok_s']:.0f} tok/s;"
               f" over all runs: median {median(x['median_step_tok_s'] for x in rs):.0f}, best "
               f"{max(x['median_step_tok_s'] for x in rs):.0f}")
-        where = {"ray_train": "TorchTrainer.fit()", "single": "train_loop() call", "plain": "set-up + loop"}.get(
+        where = {"ray_train": "TorchTrainer.fit()", "single": "train_loop() call", "plain": "set-up + loop",
+                 "torchrun": "rank 0's train_loop() call"}.get(
             name, "model load + SFTTrainer set-up + train()")
         print(f"{'':9s}  loop {r['loop_s']:.1f} s for {r['steps']} steps; {where} {r['train_call_s']:.1f} s, so "
               f"start-up (+ export) outside the loop {r['startup_s']:.1f} s"
@@ -474,8 +504,14 @@ def main() -> None:
               f"  (target >= 0.9)")
         print(f"start-up outside the loop: Ray Train {ray['startup_s']:.1f} s (+ ray.init {ray['ray_init_s']:.1f} s), "
               f"single process {single['startup_s']:.1f} s")
+    spawned = best.get("torchrun")
+    if ray and spawned:
+        print(f"ratio Ray Train / torchrun (what Ray Train itself costs per step, same workers): "
+              f"{ray['tok_s'] / spawned['tok_s']:.2f}; median-step {med['ray_train'] / med['torchrun']:.2f}; "
+              f"{paired(runs, 'ray_train', 'torchrun')}")
     plain = best.get("plain")
-    for name, key, r in (("Ray Train", "ray_train", ray), ("single process", "single", single)):
+    for name, key, r in (("Ray Train", "ray_train", ray), ("torchrun", "torchrun", spawned),
+                         ("single process", "single", single)):
         if r and trl:
             print(f"ratio {name} / TRL tokens/s: {r['tok_s'] / trl['tok_s']:.2f} ({steps}); median-step "
                   f"{med[key] / med['trl']:.2f}; {paired(runs, key, 'trl')}  (target >= 1.2)")
