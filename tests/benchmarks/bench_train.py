@@ -201,7 +201,9 @@ def arm_torchrun(args, model: str) -> dict:
     from actors.train_loop import train_loop
 
     _, _, loop_cfg = pipeline_config(args, model, args.data_dir, "torchrun")
-    loop_cfg["local_checkpoint_dir"] = os.path.join(args.data_dir, "ckpt-torchrun")  # one for all ranks, as a store
+    # One directory for all ranks (as a run store), fresh for every run: a finished run's
+    # checkpoint would make the next one resume at its last step. The ranks share the run id.
+    loop_cfg["local_checkpoint_dir"] = os.path.join(args.data_dir, f"ckpt-torchrun-{os.environ['TORCHELASTIC_RUN_ID']}")
     t0 = time.perf_counter()
     out = train_loop(loop_cfg)
     res = loop_figures(args, model, loop_cfg, out["history"], time.perf_counter() - t0)
