@@ -21,8 +21,8 @@ DRIVER_ENV_VARS = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore:
 # serve nothing there. Its controller polls its few local workers every 0.5 s instead of
 # 2 s: each step of a training run's life (workers up, a checkpoint taken, the loop
 # finished) waits for the next poll, and a toy training stage alone took 3.3 s less
-# (median difference of 7 alternating pairs, README). On a cluster all three stay as the cluster
-# sets them. A value already in the environment wins.
+# (median difference of 7 alternating pairs, README). On a cluster all three stay as the
+# cluster sets them. A value already in the environment wins.
 LOCAL_RAY_ENV_VARS = {"RAY_TRAIN_METRICS_ENABLED": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
                       "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 RESERVED_RESOURCES = ("CPU", "GPU", "TPU", "memory", "object_store_memory")  # each stage asks for its own

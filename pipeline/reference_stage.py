@@ -26,22 +26,20 @@ def run_reference(ctx):
     else:
         model = store_model_source(ctx.store.uri, ctx.upstream[f"train/{c.reference_model}"])
     sets = {kind: _rows_to_score(ctx, kind) for kind in c.reference_sets}
-    scorer = None
-    pending = {}
+    if not any(items for items, _, _, _ in sets.values()):
+        scorer = None
+    else:
+        scorer = ray.remote(ReferenceScorer).options(num_cpus=1, num_gpus=1 if c.train.use_gpu else 0,
+                                                     **worker_remote_args()).remote(model, c.train.max_len)
     try:
-        for kind, (items, _, targets, template) in sets.items():
-            if items and scorer is None:
-                scorer = ray.remote(ReferenceScorer).options(
-                    num_cpus=1, num_gpus=1 if c.train.use_gpu else 0,
-                    **worker_remote_args()).remote(model, c.train.max_len)
-            # Every set's calls are queued at once: the actor never waits on the driver.
-            pending[kind] = [scorer.score_rows.remote(items[i:i + BATCH_ROWS], targets, template)
-                             for i in range(0, len(items), BATCH_ROWS)]
+        # Every set's calls are queued at once: the actor never waits on the driver.
+        pending = {kind: [scorer.score_rows.remote(items[i:i + BATCH_ROWS], targets, template)
+                          for i in range(0, len(items), BATCH_ROWS)]
+                   for kind, (items, _, targets, template) in sets.items()}
         files, stats = [], {}
         for kind, (items, keys, _, _) in sets.items():
             scores = [s for part in ray.get(pending[kind]) for s in part]
-            scored = [{**{k: row[k] for k in keys}, **{col: [float(x) for x in v] for col, v in s.items()}}
-                      for row, s in zip(items, scores)]
+            scored = [{**{k: row[k] for k in keys}, **s} for row, s in zip(items, scores)]
             out_path = f"{ctx.work_dir}/{kind}.parquet"
             ctx.store.write_rows(out_path, scored)
             files.append(out_path)

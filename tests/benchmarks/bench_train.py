@@ -186,29 +186,28 @@ def loop_figures(args, model: str, loop_cfg: dict, history: list[dict], call_s: 
             "micro_batch_tokens": loop_cfg["micro_batch_tokens"]}
 
 
-def arm_single(args, model: str) -> dict:
+def loop_here(args, model: str, arm: str, checkpoint_dir: str) -> dict:
+    """`actors.train_loop.train_loop` in this process on the stage's loop config (world size
+    from the environment), checkpointing into a local directory; its history's figures."""
     from actors.train_loop import train_loop
 
-    _, _, loop_cfg = pipeline_config(args, model, args.data_dir, "single")
-    loop_cfg["local_checkpoint_dir"] = tempfile.mkdtemp(prefix="ckpt-single-", dir=args.data_dir)
+    _, _, loop_cfg = pipeline_config(args, model, args.data_dir, arm)
+    loop_cfg["local_checkpoint_dir"] = checkpoint_dir
     t0 = time.perf_counter()
     out = train_loop(loop_cfg)
     return loop_figures(args, model, loop_cfg, out["history"], time.perf_counter() - t0)
 
 
+def arm_single(args, model: str) -> dict:
+    return loop_here(args, model, "single", tempfile.mkdtemp(prefix="ckpt-single-", dir=args.data_dir))
+
+
 def arm_torchrun(args, model: str) -> dict:
     """One rank of the torchrun arm (RANK, WORLD_SIZE, MASTER_* from torch.distributed.run)."""
-    from actors.train_loop import train_loop
-
-    _, _, loop_cfg = pipeline_config(args, model, args.data_dir, "torchrun")
     # One directory for all ranks (as a run store), fresh for every run: a finished run's
     # checkpoint would make the next one resume at its last step. The ranks share the run id.
-    loop_cfg["local_checkpoint_dir"] = os.path.join(args.data_dir, f"ckpt-torchrun-{os.environ['TORCHELASTIC_RUN_ID']}")
-    t0 = time.perf_counter()
-    out = train_loop(loop_cfg)
-    res = loop_figures(args, model, loop_cfg, out["history"], time.perf_counter() - t0)
-    res.update(processes=int(os.environ["WORLD_SIZE"]))
-    return res
+    ckpt = os.path.join(args.data_dir, f"ckpt-torchrun-{os.environ['TORCHELASTIC_RUN_ID']}")
+    return {**loop_here(args, model, "torchrun", ckpt), "processes": int(os.environ["WORLD_SIZE"])}
 
 
 def arm_plain(args, model: str) -> dict:
