@@ -121,7 +121,9 @@ class ProcessTreeCPU:
             if p == self.root or pid == self.root:
                 self.seconds[pid] = max(self.seconds.get(pid, 0.0), used[pid])
                 if not self.kinds.get(pid, "").startswith("ray::") or self.kinds[pid] == "ray::IDLE":
-                    self.kinds[pid] = _process_kind(pid)  # a Ray worker takes its title once it runs something
+                    kind = _process_kind(pid)  # a Ray worker takes its title once it runs something
+                    if kind != "?" or pid not in self.kinds:  # an exiting process (a zombie) has no cmdline left
+                        self.kinds[pid] = kind
 
     def _poll(self) -> None:
         while not self._stop.wait(self.interval):
