@@ -58,7 +58,10 @@ def make_engine(spec: EngineSpec):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
 
-    kwargs = dict(model=local_model_path(spec.model), seed=spec.seed, dtype=spec.dtype,
+    model_path = local_model_path(spec.model)
+    if on_cpu:
+        inspect_model_class_here(model_path)
+    kwargs = dict(model=model_path, seed=spec.seed, dtype=spec.dtype,
                   tensor_parallel_size=spec.tensor_parallel,
                   gpu_memory_utilization=spec.gpu_memory_utilization, enforce_eager=on_cpu)
     if on_cpu:
@@ -68,6 +71,28 @@ def make_engine(spec: EngineSpec):
     if spec.kv_cache_gib:
         kwargs["kv_cache_memory_bytes"] = int(spec.kv_cache_gib * 2 ** 30)
     return LLM(**kwargs)
+
+
+def inspect_model_class_here(model_path: str) -> None:
+    """The first time a machine sees a model class, vLLM inspects it in a fresh Python
+    subprocess (to keep CUDA out of its own process) and caches the result: ~20 CPU-s on
+    2 cores, paid by every engine that starts before the cache has it (sample and the base
+    model's eval start together). On CPU there is no CUDA to keep out, so the class is
+    registered as imported here, which vLLM inspects in-process; the engine imports that
+    class anyway. Best effort: on any surprise vLLM keeps its own path."""
+    import json
+
+    try:
+        from vllm import ModelRegistry
+
+        with open(os.path.join(model_path, "config.json")) as f:
+            architectures = json.load(f).get("architectures") or []
+        for arch in architectures:
+            entry = ModelRegistry.models.get(arch)
+            if entry is not None and hasattr(entry, "module_name"):  # a lazy entry: not imported yet
+                ModelRegistry.register_model(arch, entry.load_model_cls())
+    except Exception:
+        pass
 
 
 def sampling_params(spec: EngineSpec, stop_ids: list[int] = ()):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 
 from actors.store import is_remote
 
@@ -28,6 +30,8 @@ LOCAL_RAY_ENV_VARS = {"RAY_TRAIN_METRICS_ENABLED": "0", "RAY_TRAIN_ENABLE_PREEMP
 RESERVED_RESOURCES = ("CPU", "GPU", "TPU", "memory", "object_store_memory")  # each stage asks for its own
 WORKER_RESOURCE_AMOUNT = 0.001  # a label, not a quota: one unit on a node admits 1000 such workers
 _placement: dict[str, float] = {}  # {ray.worker_resource: WORKER_RESOURCE_AMOUNT} of this driver, set by connect()
+_local: list[bool] = []  # [True] once connect() started a local Ray for this driver
+_admission = threading.Lock()  # run_when_free: one caller admitted at a time
 
 
 def _job_env_vars() -> dict:
@@ -50,6 +54,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, log=print,
         raise SystemExit(f"ray.worker_resource={worker_resource}: each stage asks for its own {worker_resource} "
                          f"(train.use_gpu, sample.gpus_per_engine); name a custom resource")
     _placement.clear()
+    _local.clear()
     if worker_resource:
         _placement[worker_resource] = WORKER_RESOURCE_AMOUNT
     if ray.is_initialized():
@@ -64,6 +69,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, log=print,
         for k, v in LOCAL_RAY_ENV_VARS.items():  # the driver reads some, the controller actor others
             env["env_vars"][k] = os.environ.setdefault(k, v)
         ray.init(num_cpus=num_cpus or local_logical_cpus(), include_dashboard=False, runtime_env=env)
+        _local.append(True)
         log(f"started a local Ray ({ray.cluster_resources().get('CPU', 0):.0f} logical CPUs)")
     ray.data.DataContext.get_current().enable_progress_bars = False
     if worker_resource:
@@ -82,6 +88,35 @@ def local_logical_cpus() -> int:
     cached toy model: 233 -> 215 s, process tree 79% -> 90% busy; README)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return cores + 1
+
+
+def run_when_free(start, need: dict[str, float], poll_s: float = 0.5):
+    """`start()`'s result; on a local Ray this driver started, `start` is called only once
+    `need` (e.g. {"CPU": 2}) is free all at once. Ray Train starts a controller, a
+    placement-group cleaner, a sync actor and a dataset manager when fit() is called, and
+    they poll every 0.5-1 s for as long as the run waits for its placement group: in the
+    toy default on 2 cores training stages queued behind others for minutes (README).
+    One caller at a time is admitted, and the next waits until the admitted one's
+    placement group is created, so two never pass on the same free CPUs. Nothing grows a local Ray, so
+    waiting here costs nothing; on a cluster a pending fit is the demand an autoscaler
+    acts on, so there it is not held back. A need larger than the whole Ray: not held back."""
+    import ray
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not _local or any(ray.cluster_resources().get(k, 0) < v for k, v in need.items()):
+        return start()
+    with ThreadPoolExecutor(1) as pool:
+        with _admission:
+            while any(ray.available_resources().get(k, 0) < v for k, v in need.items()):
+                time.sleep(poll_s)
+            before = set(ray.util.placement_group_table())
+            running = pool.submit(start)
+            deadline = time.time() + 60  # until the started one's placement group holds its resources
+            while not running.done() and time.time() < deadline and not any(
+                    pg not in before and info.get("state") == "CREATED"
+                    for pg, info in ray.util.placement_group_table().items()):
+                time.sleep(poll_s / 5)
+        return running.result()
 
 
 def worker_remote_args() -> dict:

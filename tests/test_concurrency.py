@@ -56,3 +56,51 @@ def test_two_training_runs_overlap_and_equal_a_sequential_run(toy_model, tmp_pat
         assert wp.keys() == ws.keys()
         for k in wp:
             torch.testing.assert_close(wp[k], ws[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_local_training_run_starts_only_when_its_cpus_are_free(ray_local, monkeypatch):
+    """On a local Ray verifine started, Ray Train's fit (here: a stand-in that creates the
+    same kind of placement group) is called only once all the CPUs it needs are free, so
+    Ray Train's per-run actors never poll while it queues; a second caller is admitted
+    only after the first one's placement group is created."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from pipeline import ray_session
+
+    monkeypatch.setattr(ray_session, "_local", [True])
+    need = {"CPU": ray.available_resources().get("CPU", 0)}  # everything free now (other tests' actors excluded)
+    assert need["CPU"] >= 1
+    holder = ray.remote(num_cpus=1)(threading.Event).remote()  # an actor holding one of those CPUs
+    ray.get(holder.is_set.remote())
+    started, release = [], threading.Event()
+
+    def fit():
+        started.append(time.time())
+        pg = placement_group([{"CPU": 1}] * int(need["CPU"]))
+        ray.get(pg.ready())
+        release.wait(60)
+        remove_placement_group(pg)
+        return "fitted"
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(ray_session.run_when_free, fit, need, 0.1)
+        time.sleep(3)
+        assert started == []  # one CPU is still held
+        ray.kill(holder)
+        second = pool.submit(ray_session.run_when_free, lambda: started.append("second") or "second", {"CPU": 1}, 0.1)
+        deadline = time.time() + 60
+        while len(started) < 1 and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(2)
+        assert len(started) == 1  # the second waits: the first one's group holds every CPU
+        release.set()
+        assert first.result(timeout=60) == "fitted"
+        assert second.result(timeout=60) == "second"
+
+    monkeypatch.setattr(ray_session, "_local", [])
+    assert ray_session.run_when_free(lambda: "now", {"CPU": 10 ** 6}) == "now"  # not a local Ray: never held back

@@ -52,6 +52,37 @@ def test_toy_base_model_is_partially_competent(toy_model, ray_local, tmp_path):
     assert cache["kv_cache_memory_bytes"] == 2 ** 28
 
 
+INSPECTION_PROBE = """
+import sys
+import vllm.model_executor.models.registry as registry
+from vllm import ModelRegistry
+from actors.sampler import inspect_model_class_here
+
+subprocesses = []
+def in_process(fn):  # stands in for vLLM's subprocess: counts the calls, runs fn here
+    subprocesses.append(fn)
+    return fn()
+registry._run_in_subprocess = in_process
+if sys.argv[2] == "helper":
+    inspect_model_class_here(sys.argv[1])
+info = ModelRegistry.models["Qwen2ForCausalLM"].inspect_model_cls()
+print(len(subprocesses), info.is_text_generation_model)
+"""
+
+
+@pytest.mark.parametrize("arm", ["helper", "plain"])
+def test_cpu_engine_inspects_its_model_class_without_a_subprocess(toy_model, tmp_path, arm):
+    """On a machine whose vLLM cache lacks the model class, vLLM would inspect the class
+    in a fresh Python subprocess (~20 CPU-s per engine); the CPU engine registers the
+    imported class first, so the inspection runs in-process. The plain arm shows the
+    probe sees vLLM's subprocess when the helper is not called."""
+    env = {**os.environ, "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache"), "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", INSPECTION_PROBE, toy_model, arm], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == (["0", "True"] if arm == "helper" else ["1", "True"])
+
+
 def _engine_cache_config(spec) -> dict:
     from actors.sampler import make_engine
 
