@@ -1,7 +1,7 @@
 """Sampling throughput: the sample stage vs a bare vLLM engine vs transformers `generate`.
 
     python tests/benchmarks/bench_sample.py [--prompts 512] [--n 4] [--max-tokens 80]
-                                            [--block-size 128] [--hf-batch 64] [--hf-threads 0]
+                                            [--block-size 128] [--hf-batch 64] [--hf-threads 0] [--dtype float32]
                                             [--arms stage,bare,hf] [--repeat 1]
 
 All three arms sample the same toy-train prompts (chat template) from the cached toy
@@ -62,7 +62,7 @@ def toy_setup(args):
     problems = [prompt_row(p) for p in make_problems("train", args.prompts, seed=0)]
     prompts = [render_prompt(tokenizer, "chat", p["problem"]) for p in problems]
     spec = EngineSpec(model=model, n=args.n, temperature=args.temperature, top_p=1.0, max_tokens=args.max_tokens,
-                      seed=0, gpu_memory_utilization=args.gpu_memory_utilization)
+                      seed=0, gpu_memory_utilization=args.gpu_memory_utilization, dtype=args.dtype)
     return model, tokenizer, problems, prompts, spec
 
 
@@ -194,7 +194,8 @@ def run_arm(name: str, args) -> dict | None:
     cmd = [sys.executable, __file__, "--arm", name, "--prompts", str(args.prompts), "--n", str(args.n),
            "--max-tokens", str(args.max_tokens), "--block-size", str(args.block_size),
            "--hf-batch", str(args.hf_batch), "--temperature", str(args.temperature),
-           "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--hf-threads", str(args.hf_threads)]
+           "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--hf-threads", str(args.hf_threads),
+           "--dtype", args.dtype]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     before = load_avg()
     t0 = time.perf_counter()
@@ -222,6 +223,8 @@ def main() -> None:
     p.add_argument("--hf-threads", type=int, default=0,
                    help="torch threads of the transformers arm (0: torch's default, one per core; vLLM's CPU "
                         "engine binds 1 OpenMP thread to one core and reserves the other on 2 cores)")
+    p.add_argument("--dtype", default="float32",
+                   help="the engines' dtype (configs/toy.yaml: float32; auto: vLLM's choice, bf16 for the fp32 toy)")
     p.add_argument("--arms", default="stage,bare,hf")
     p.add_argument("--repeat", type=int, default=1, help="runs per arm, alternating; the median run is reported")
     p.add_argument("--arm", choices=sorted(ARMS), help=argparse.SUPPRESS)  # internal: run one arm here
@@ -231,6 +234,7 @@ def main() -> None:
         return
 
     print(f"{args.prompts} prompts x n={args.n}, max_tokens {args.max_tokens}, temperature {args.temperature}, "
+          f"engine dtype {args.dtype}, "
           f"stage block size {args.block_size}, HF batch {args.hf_batch} prompts; {os.cpu_count()} CPUs")
     runs: dict[str, list[dict]] = {name: [] for name in args.arms.split(",")}
     for rep in range(args.repeat):  # arms alternate, so a burst of outside load hits both
