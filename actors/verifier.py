@@ -1,8 +1,9 @@
 """Answer verification with math-verify, bounded by a hard per-item deadline.
 
 `judge` is the pure check. `Verifier` runs it in one killable child process so a
-hostile completion costs at most `deadline_s`. `verify_with_ray` shards a batch over
-Ray tasks; each Ray worker keeps one `Verifier` warm across tasks.
+hostile completion costs at most `deadline_s`. `verify_with_ray` shards a large batch
+over Ray tasks and judges a small one in the calling process; each process (a Ray worker
+or the driver) keeps one `Verifier` warm across calls.
 
 Extraction: the prediction is the completion's last \\boxed{} (math-verify also keeps
 boxes directly before it that are joined by "and"/"or"/","; that is its multi-answer
@@ -281,20 +282,28 @@ def _shards(n: int, num: int) -> list[range]:
     return [range(bounds[i], bounds[i + 1]) for i in range(num)]
 
 
-_worker_verifier: Verifier | None = None
+# A Ray task's fixed start (a worker, its Verifier's forkserver and child: ~2.5 CPU-s cold,
+# and idle workers are often taken over by actors between stages) is paid back only by a
+# few seconds of judging (~1.5-2.5 ms an item warm); below two tasks' worth the caller's
+# own Verifier judges.
+MIN_ITEMS_PER_TASK = 2048
+
+_process_verifier: Verifier | None = None
+_process_verifier_lock = threading.Lock()  # the driver's stages judge from several threads
 
 
 def _verify_shard(pairs: list[tuple[str, str]], deadline_s: float) -> list[tuple[str, str]]:
-    # One Verifier per Ray worker process, kept across tasks: its child's caches
-    # (math-verify regexes, ANTLR's parse DFA, parsed golds) make a warm child faster per
-    # item than a fresh one (MATH-500: ~2.5 vs ~4 ms CPU). An idle child exits when its
-    # worker does (EOF on the pipe).
-    global _worker_verifier
-    if _worker_verifier is None or _worker_verifier.deadline_s != deadline_s:
-        if _worker_verifier is not None:
-            _worker_verifier.close()
-        _worker_verifier = Verifier(deadline_s=deadline_s)
-    return _worker_verifier.judge_many(pairs)
+    # One Verifier per process, kept across calls: its child's caches (math-verify
+    # regexes, ANTLR's parse DFA, parsed golds) make a warm child faster per item than a
+    # fresh one (MATH-500: ~2.5 vs ~4 ms CPU). An idle child exits when its parent does
+    # (EOF on the pipe).
+    global _process_verifier
+    with _process_verifier_lock:
+        if _process_verifier is None or _process_verifier.deadline_s != deadline_s:
+            if _process_verifier is not None:
+                _process_verifier.close()
+            _process_verifier = Verifier(deadline_s=deadline_s)
+        return _process_verifier.judge_many(pairs)
 
 
 @functools.lru_cache(maxsize=1)
@@ -305,18 +314,23 @@ def _remote_shard():
 
 
 def verify_with_ray(completions: list[str], golds: list[str], num_tasks: int,
-                    deadline_s: float = DEFAULT_DEADLINE_S) -> list[tuple[str, str]]:
-    """Judge completions[i] against golds[i] in `num_tasks` Ray tasks; input order kept.
+                    deadline_s: float = DEFAULT_DEADLINE_S,
+                    min_items_per_task: int = MIN_ITEMS_PER_TASK) -> list[tuple[str, str]]:
+    """Judge completions[i] against golds[i]; input order kept. At most `num_tasks` Ray
+    tasks of at least `min_items_per_task` items each; a batch smaller than two tasks'
+    worth is judged here, by this process's own Verifier.
 
-    Assumes Ray is initialised by the caller."""
-    import ray
-
+    The Ray path assumes Ray is initialised by the caller."""
     if len(completions) != len(golds):
         raise ValueError("completions and golds differ in length")
     if not completions:
         return []
-    remote = _remote_shard()
     pairs = list(zip(completions, golds))
-    refs = [remote.remote([pairs[i] for i in r], deadline_s)
-            for r in _shards(len(pairs), num_tasks)]
+    tasks = min(num_tasks, len(pairs) // max(1, min_items_per_task))
+    if tasks < 2:
+        return _verify_shard(pairs, deadline_s)
+    import ray
+
+    remote = _remote_shard()
+    refs = [remote.remote([pairs[i] for i in r], deadline_s) for r in _shards(len(pairs), tasks)]
     return [res for shard in ray.get(refs) for res in shard]

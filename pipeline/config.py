@@ -35,7 +35,7 @@ TRAIN_DATA = typing.get_args(TrainData)
 NO_OUTPUT_EFFECT = (
     "run.dir",                        # where the run is stored, not what it computes
     "ray",                            # cluster connection
-    "verify.num_tasks",               # parallelism of the verifier
+    "verify.num_tasks",               # parallelism of the verifier (at most; >= 2048 items a task)
     "train.max_failures",             # retries after a worker failure
     "train.checkpoint_every",         # only where checkpoints land
     "train.report_every",             # only how often metrics reach Ray Train

@@ -250,5 +250,26 @@ def test_verify_with_ray_matches_serial(ray_cluster):
     completions += ["no box here", None]
     golds = [r["answer"] for r in rows] + ["1", "1"]
     expected = [judge(c, g) for c, g in zip(completions, golds)]
-    assert verify_with_ray(completions, golds, num_tasks=2, deadline_s=10) == expected
+    assert verify_with_ray(completions, golds, num_tasks=2, deadline_s=10, min_items_per_task=1) == expected
     assert verify_with_ray([], [], num_tasks=2, deadline_s=10) == []
+
+
+@pytest.mark.slow
+def test_a_batch_smaller_than_two_tasks_is_judged_by_this_process(ray_cluster, monkeypatch):
+    """Below two tasks' worth of items no Ray task starts (a worker and its verifier cost
+    more than the judging): the caller's own Verifier judges, with the same verdicts."""
+    import actors.verifier as verifier
+
+    monkeypatch.setattr(verifier, "_process_verifier", None)
+    rows = _math500()[:12]
+    completions = [r["solution"] for r in rows[:6]] + [_replace_last_boxed(r["solution"], "-1") for r in rows[6:]]
+    golds = [r["answer"] for r in rows]
+    expected = [judge(c, g) for c, g in zip(completions, golds)]
+    try:
+        assert verify_with_ray(completions, golds, num_tasks=2, deadline_s=10, min_items_per_task=6) == expected
+        assert verifier._process_verifier is None  # 12 items = two tasks of 6: judged in Ray tasks
+        assert verify_with_ray(completions, golds, num_tasks=2, deadline_s=10, min_items_per_task=7) == expected
+        assert verifier._process_verifier is not None and verifier._process_verifier._proc.is_alive()
+    finally:
+        if verifier._process_verifier is not None:
+            verifier._process_verifier.close()

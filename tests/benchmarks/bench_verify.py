@@ -93,8 +93,8 @@ def main() -> None:
     ray.init(num_cpus=args.tasks, include_dashboard=False, log_to_driver=False)
     try:
         s_cold, s_warm = run_serial(pairs, args.deadline)
-        r_cold = timed(lambda: verify_with_ray(completions, golds, args.tasks, args.deadline))
-        r_warm = timed(lambda: verify_with_ray(completions, golds, args.tasks, args.deadline))
+        r_cold = timed(lambda: verify_with_ray(completions, golds, args.tasks, args.deadline, min_items_per_task=1))
+        r_warm = timed(lambda: verify_with_ray(completions, golds, args.tasks, args.deadline, min_items_per_task=1))
     finally:
         ray.shutdown()
 
