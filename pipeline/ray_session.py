@@ -54,11 +54,11 @@ def connect(address: str | None = None, num_cpus: int | None = None, log=print,
         raise SystemExit(f"ray.worker_resource={worker_resource}: each stage asks for its own {worker_resource} "
                          f"(train.use_gpu, sample.gpus_per_engine); name a custom resource")
     _placement.clear()
-    _local.clear()
     if worker_resource:
         _placement[worker_resource] = WORKER_RESOURCE_AMOUNT
-    if ray.is_initialized():
+    if ray.is_initialized():  # connected before (a test session, a second run in one process)
         return
+    _local.clear()
     address = address or os.environ.get("RAY_ADDRESS")
     # Workers import the project from the driver's working directory when it is not installed.
     env = {"env_vars": {k: v for k, v in DRIVER_ENV_VARS.items() if k not in _job_env_vars()}}
@@ -71,7 +71,6 @@ def connect(address: str | None = None, num_cpus: int | None = None, log=print,
         ray.init(num_cpus=num_cpus or local_logical_cpus(), include_dashboard=False, runtime_env=env)
         _local.append(True)
         log(f"started a local Ray ({ray.cluster_resources().get('CPU', 0):.0f} logical CPUs)")
-    ray.data.DataContext.get_current().enable_progress_bars = False
     if worker_resource:
         offered = ray.cluster_resources().get(worker_resource, 0)
         log(f"workers that load a model run on nodes offering {worker_resource!r}"
@@ -90,7 +89,12 @@ def local_logical_cpus() -> int:
     return cores + 1
 
 
-def run_when_free(start, need: dict[str, float], poll_s: float = 0.5):
+def is_local() -> bool:
+    """Whether this driver started the Ray it is connected to (nothing else uses it)."""
+    return bool(_local)
+
+
+def run_when_free(start, need: dict[str, float], poll_s: float = 0.5, reclaim=lambda: False):
     """`start()`'s result; on a local Ray this driver started, `start` is called only once
     `need` (e.g. {"CPU": 2}) is free all at once. Ray Train starts a controller, a
     placement-group cleaner, a sync actor and a dataset manager when fit() is called, and
@@ -99,7 +103,8 @@ def run_when_free(start, need: dict[str, float], poll_s: float = 0.5):
     One caller at a time is admitted, and the next waits until the admitted one's
     placement group is created, so two never pass on the same free CPUs. Nothing grows a local Ray, so
     waiting here costs nothing; on a cluster a pending fit is the demand an autoscaler
-    acts on, so there it is not held back. A need larger than the whole Ray: not held back."""
+    acts on, so there it is not held back. A need larger than the whole Ray: not held back.
+    While `need` is not free, `reclaim()` may free something held idle (True if it did)."""
     import ray
     from concurrent.futures import ThreadPoolExecutor
 
@@ -108,7 +113,8 @@ def run_when_free(start, need: dict[str, float], poll_s: float = 0.5):
     with ThreadPoolExecutor(1) as pool:
         with _admission:
             while any(ray.available_resources().get(k, 0) < v for k, v in need.items()):
-                time.sleep(poll_s)
+                if not reclaim():
+                    time.sleep(poll_s)
             before = set(ray.util.placement_group_table())
             running = pool.submit(start)
             deadline = time.time() + 60  # until the started one's placement group holds its resources

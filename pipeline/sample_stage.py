@@ -1,6 +1,7 @@
-"""Sample stage: prompts -> `n` completions each, through Ray Data into a pool of vLLM
-actors. Output is written in blocks of prompts; a rerun after a crash samples only the
-blocks that are missing, so every (prompt, sample) ends up exactly once."""
+"""Sample stage: prompts -> `n` completions each, from a pool of vLLM engine actors
+(pipeline/engine_pool.py) fed block by block. Output is written in blocks of prompts; a
+rerun after a crash samples only the blocks that are missing, so every (prompt, sample)
+ends up exactly once."""
 from __future__ import annotations
 
 import os
@@ -9,9 +10,9 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from actors.sampler import PROMPT_TOO_LONG, EngineSpec, VLLMSampler
+from actors.sampler import PROMPT_TOO_LONG, EngineSpec
+from pipeline import engine_pool
 from pipeline.external import base_model_source
-from pipeline.ray_session import worker_remote_args
 from pipeline.runner import kill_point
 
 VERSION = 3  # 3: stop tokens from the tokenizer, completions keep their stop token, over-long prompts skipped
@@ -69,8 +70,6 @@ def sample_jobs(store, jobs: list[SampleJob], spec: EngineSpec, num_engines: int
     """Sample several prompt sets with the same model through one pool of engines (so
     e.g. all benchmarks of a model pay for one engine start-up). Returns each job's
     block files and the stats of this call."""
-    import ray
-
     blocks = {(j, b): job.problems[i:i + block_size]
               for j, job in enumerate(jobs) for b, i in enumerate(range(0, len(job.problems), block_size))}
     todo = [key for key in blocks if not store.exists(block_path(jobs[key[0]].work_dir, key[1]))]
@@ -83,38 +82,28 @@ def sample_jobs(store, jobs: list[SampleJob], spec: EngineSpec, num_engines: int
                for pid in _skipped_prompt_ids(store.read_rows(block_path(jobs[key[0]].work_dir, key[1])))]
     generate_s: dict[int, float] = {}  # block -> seconds the engine spent generating it
     if todo:
-        items = [{"block_id": k,
-                  "prompt_ids": [p["prompt_id"] for p in blocks[j, b]],
+        items = [{"prompt_ids": [p["prompt_id"] for p in blocks[j, b]],
                   "problems": [p["problem"] for p in blocks[j, b]], "template": jobs[j].template}
-                 for k, (j, b) in enumerate(todo)]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        # One block per batch: an actor's output for a block arrives complete.
-        ds = ds.map_batches(VLLMSampler, fn_constructor_kwargs={"spec": spec.to_dict()}, batch_size=1,
-                            concurrency=min(num_engines, len(items)), num_gpus=gpus_per_engine or None,
-                            num_cpus=1 if not gpus_per_engine else None, **worker_remote_args())
-        pending: dict[int, list[dict]] = {}
-        expected = {k: len(blocks[key]) * spec.n for k, key in enumerate(todo)}
-        done = 0
-        for batch in ds.iter_rows():
-            k = int(batch["block_id"])
-            row = {c: batch[c] for c in SAMPLE_SCHEMA.names}
-            generate_s[k] = float(batch["seconds"])  # the actor's generate time for the block
-            pending.setdefault(k, []).append(row)
-            if len(pending[k]) == expected[k]:
-                rows = sorted(pending.pop(k), key=lambda r: (r["prompt_id"], r["sample_idx"]))
+                 for j, b in todo]
+        engines = engine_pool.acquire(spec, min(num_engines, len(items)), gpus_per_engine)
+        healthy = False
+        try:
+            for k, rows, seconds in _sample_blocks([actor for _, actor in engines], items):
+                generate_s[k] = seconds  # the actor's generate time for the block
+                rows = sorted(rows, key=lambda r: (r["prompt_id"], r["sample_idx"]))
                 skipped += _skipped_prompt_ids(rows)
                 out_tokens += sum(r["num_tokens"] for r in rows)
                 j, b = todo[k]
                 store.write_rows(block_path(jobs[j].work_dir, b), rows, SAMPLE_SCHEMA)
-                done += 1
                 elapsed = time.time() - start
                 log(f"  block {b}{f' of set {j}' if len(jobs) > 1 else ''}: {len(rows)} samples; "
-                    f"{done}/{len(todo)} blocks, {out_tokens / max(elapsed, 1e-9):.0f} output tok/s")
+                    f"{len(generate_s)}/{len(todo)} blocks, {out_tokens / max(elapsed, 1e-9):.0f} output tok/s")
                 after_block()
                 if TEST_BLOCK_DELAY_S:
                     time.sleep(TEST_BLOCK_DELAY_S)
-        if pending:
-            raise RuntimeError(f"sampler returned incomplete blocks {sorted(todo[k] for k in pending)}")
+            healthy = True
+        finally:
+            engine_pool.release(engines, healthy)
     seconds = time.time() - start
     if skipped:
         log(f"  {len(skipped)} prompt(s) skipped: no room to generate within the engine's max_model_len "
@@ -125,3 +114,28 @@ def sample_jobs(store, jobs: list[SampleJob], spec: EngineSpec, num_engines: int
                   "output_tokens_per_s": round(out_tokens / seconds, 1) if todo and seconds else None})
     files = [[block_path(job.work_dir, b) for (j, b) in blocks if j == jn] for jn, job in enumerate(jobs)]
     return files, stats
+
+
+def _sample_blocks(actors: list, items: list[dict], in_flight: int = 2):
+    """(block index, rows, generate seconds) as each block comes back; every actor has up
+    to `in_flight` blocks queued, so it never waits for the driver between blocks."""
+    import ray
+
+    todo = list(enumerate(items))
+    running: dict = {}
+
+    def submit(actor) -> None:
+        k, item = todo.pop(0)
+        running[actor.sample_block.remote(item)] = (k, actor)
+
+    for actor in actors:
+        for _ in range(in_flight):
+            if todo:
+                submit(actor)
+    while running:
+        (ref,), _ = ray.wait(list(running), num_returns=1)
+        k, actor = running.pop(ref)
+        rows, seconds = ray.get(ref)
+        if todo:
+            submit(actor)
+        yield k, rows, seconds

@@ -9,6 +9,7 @@ import json
 from actors.train_loop import train_loop
 from actors.model_source import store_model_source
 from pipeline.external import base_model_source
+from pipeline.engine_pool import close_idle
 from pipeline.ray_session import run_when_free, train_worker_resources
 
 VERSION = 3  # 2: rows over max_len dropped and counted (not cut); gold solutions end with the end-of-turn token;
@@ -106,7 +107,7 @@ def run_with_ray_train(loop_cfg: dict, num_workers: int, use_gpu: bool, storage_
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
-    result = run_when_free(trainer.fit, {"GPU" if use_gpu else "CPU": num_workers})
+    result = run_when_free(trainer.fit, {"GPU" if use_gpu else "CPU": num_workers}, reclaim=close_idle)
     if result.error:
         raise result.error
     return result.metrics

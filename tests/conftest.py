@@ -21,9 +21,12 @@ def toy_model() -> str:
 def ray_local():
     import ray
 
+    from pipeline.ray_session import connect
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False)
+    # As `verifine run` starts it (2 logical CPUs): a local Ray of this driver's own, so
+    # runs here admit a training only on free CPUs and keep an idle engine, as users' do.
+    connect(num_cpus=2, log=lambda *_: None)
     yield ray
     ray.shutdown()
 

@@ -29,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -90,13 +89,15 @@ def test_single_node_cluster_accepts_local_run_dir(monkeypatch, tmp_path):
 def _fake_ray_init(monkeypatch) -> list[dict]:
     import ray
 
+    from pipeline import ray_session
+
     calls = []
+    # connect() records whether it started Ray; the session's real local Ray keeps its record.
+    monkeypatch.setattr(ray_session, "_local", [])
+    monkeypatch.setattr(ray_session, "_placement", {})
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0, "worker_node": 4.0})
-    context = types.SimpleNamespace(enable_progress_bars=True)  # importing ray.data takes seconds
-    monkeypatch.setattr(ray, "data", types.SimpleNamespace(DataContext=types.SimpleNamespace(
-        get_current=lambda: context)), raising=False)
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
     return calls
 

@@ -89,6 +89,63 @@ def _engine_cache_config(spec) -> dict:
     return {"kv_cache_memory_bytes": make_engine(spec).llm_engine.vllm_config.cache_config.kv_cache_memory_bytes}
 
 
+def _copy_with_other_weights(model_dir: str, out: Path, chat_template: str | None = None) -> str:
+    """The toy model with every weight moved a little (its tied embedding too), or, with
+    `chat_template`, the same weights under another chat template."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, out)
+    if chat_template is not None:
+        (out / "chat_template.jinja").write_text(chat_template)
+        return str(out)
+    weights = load_file(out / "model.safetensors")
+    generator = torch.Generator().manual_seed(1)
+    moved = {k: (w + 0.05 * w.std() * torch.randn(w.shape, generator=generator)).contiguous() if w.numel() > 1 else w
+             for k, w in weights.items()}
+    save_file(moved, out / "model.safetensors", metadata={"format": "pt"})
+    return str(out)
+
+
+def test_an_engine_switched_to_another_model_samples_what_a_fresh_engine_does(toy_model, ray_local, tmp_path):
+    """Within one run on a local Ray (keeping_engines), the engine a sampling call ends
+    with serves the next call: another model of the same architecture and tokenizer is
+    loaded into it in place, and it samples exactly what a fresh engine on that model
+    samples (the toy's output head is tied to its embedding: vLLM's CPU path keeps a
+    packed copy of it that a reload alone leaves stale). A model with another chat
+    template is refused. After the run no engine is left."""
+    from actors.sampler import EngineSpec
+    from pipeline import engine_pool
+    from pipeline.sample_stage import SampleJob, sample_jobs
+    from pipeline.toy_task import make_problems, prompt_row
+
+    problems = [prompt_row(p) for p in make_problems("id", 24, seed=0)]
+    moved = _copy_with_other_weights(toy_model, tmp_path / "moved")
+    spec = EngineSpec(model=toy_model, n=4, temperature=1.0, max_tokens=48, seed=0, kv_cache_gib=0.25)
+    spec_moved = dataclasses.replace(spec, model=moved, temperature=0.7)
+    store = RunStore(str(tmp_path / "store"))
+
+    def sample(name: str, s: EngineSpec) -> list[dict]:
+        files, _ = sample_jobs(store, [SampleJob(name, problems, "chat")], s, 1, 0, 12)
+        return store.read_rows(*files[0])
+
+    fresh = sample("fresh", spec_moved)
+    assert engine_pool._idle == [], "outside a run an engine ends with its call"
+    with engine_pool.keeping_engines():
+        base_rows = sample("base", spec)
+        ((_, engine),) = engine_pool._idle
+        switched = sample("switched", spec_moved)
+        ((_, same),) = engine_pool._idle
+        assert same._actor_id == engine._actor_id, "the second call started an engine of its own"
+        other_template = _copy_with_other_weights(toy_model, tmp_path / "template", chat_template="{{ messages }}")
+        assert ray.get(engine.switch.remote(dataclasses.replace(spec, model=other_template).to_dict())) is False
+    assert engine_pool._idle == []
+    assert switched == fresh
+    assert [r["completion"] for r in switched] != [r["completion"] for r in base_rows]
+
+
 def test_sample_and_verify_invariants(toy_model, ray_local, tmp_path):
     from pipeline.cli import run_pipeline
 

@@ -13,7 +13,7 @@ against TRL. Prints figures; it is not a pass/fail test.
   and evaluation, verifications/s, training tokens/s), pass@1 of the sampled prompts, the
   report's table, and skipped / dropped counts.
 - sample: the same toy prompts (chat template) through (a) the sample stage
-  (`sample_jobs`: Ray Data -> one VLLMSampler actor) and (b) a bare `vllm.LLM.generate`
+  (`sample_jobs`: one VLLMSampler engine actor) and (b) a bare `vllm.LLM.generate`
   on an engine built with the same settings (dtype, max_model_len, seed, KV share) and
   the same SamplingParams (n, temperature, max_tokens, stop tokens); each arm in its own
   child process, one after the other. Engine start-up is excluded from both: the stage's
@@ -130,6 +130,7 @@ def sample_setup(args):
 def arm_stage(args) -> dict:
     import ray
 
+    import pipeline.engine_pool as engine_pool
     import pipeline.sample_stage as sample_stage
     from actors.store import RunStore
     from bench_sample import timed_sampler_class
@@ -145,7 +146,7 @@ def arm_stage(args) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="bench-smollm2-sample-") as tmp:
         record = os.path.join(tmp, "actor-times.jsonl")
-        sample_stage.VLLMSampler = timed_sampler_class(record)
+        engine_pool.VLLMSampler = timed_sampler_class(record)
         store = RunStore(tmp)
         t0 = time.time()
         files, _ = sample_stage.sample_jobs(store, [sample_stage.SampleJob("s", problems, "chat")], spec, 1, 0,

@@ -8,15 +8,15 @@ All three arms sample the same toy-train prompts (chat template) from the cached
 base model with the same n / temperature / top_p / max_tokens; each arm runs in its own
 child process, one after the other, so they never compete for the cores.
 
-- stage: `pipeline.sample_stage.sample_jobs` (Ray Data -> one `VLLMSampler` actor),
-  on a local Ray started with 2 CPUs. Start-up is excluded with the per-block
-  `seconds` the actor measures around its `generate` calls: `sample_jobs` drops that
-  column, so the script swaps in a `VLLMSampler` subclass that only also writes each
-  block's generate start/end (wall clock) to a file. The generation figure is all
-  output tokens / (the actor's first generate start -> the last block written at the
-  driver): it holds generation plus the stage's own per-block costs (Ray Data hand-off,
-  rows to the driver, parquet writes), but not actor/engine start-up. A second call
-  can't serve as the warm measurement: it would start a fresh actor pool and engine.
+- stage: `pipeline.sample_stage.sample_jobs` (one `VLLMSampler` engine actor fed block
+  by block), on a local Ray started with 2 CPUs. Start-up is excluded with the
+  per-block `seconds` the actor measures around its `generate` calls: the script swaps
+  in a `VLLMSampler` subclass that only also writes each block's generate start/end
+  (wall clock) to a file. The generation figure is all output tokens / (the actor's
+  first generate start -> the last block written at the driver): it holds generation
+  plus the stage's own per-block costs (rows to the driver, parquet writes), but not
+  actor/engine start-up. A second call can't serve as the warm measurement: outside a
+  pipeline run it starts a fresh engine.
   Also printed: the tokens/s inside the actor (sum of its generate seconds), and the
   end-to-end wall time of the call with start-up included.
 - bare: `vllm.LLM` built by `actors.sampler.make_engine` with the same EngineSpec, one
@@ -76,19 +76,19 @@ def timed_sampler_class(record: str):
     class TimedVLLMSampler(VLLMSampler):
         record_file = record
 
-        def __call__(self, batch: dict) -> dict:
-            out = super().__call__(batch)
+        def sample_block(self, block: dict) -> tuple[list[dict], float]:
+            rows, seconds = super().sample_block(block)
             end = time.time()
-            seconds = {int(b): float(s) for b, s in zip(out["block_id"], out["seconds"])}
             with open(self.record_file, "a") as f:
-                for b, sec in seconds.items():
-                    f.write(json.dumps({"block": b, "start": end - sec, "end": end, "seconds": sec}) + "\n")
-            return out
+                f.write(json.dumps({"block": block["prompt_ids"][0], "start": end - seconds, "end": end,
+                                    "seconds": seconds}) + "\n")
+            return rows, seconds
 
     return TimedVLLMSampler
 
 
 def arm_stage(args) -> dict:
+    import pipeline.engine_pool as engine_pool
     import pipeline.sample_stage as sample_stage
     from pipeline.ray_session import connect
     from actors.store import RunStore
@@ -105,7 +105,7 @@ def arm_stage(args) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="bench-sample-") as tmp:
         record = os.path.join(tmp, "actor-times.jsonl")
-        sample_stage.VLLMSampler = timed_sampler_class(record)
+        engine_pool.VLLMSampler = timed_sampler_class(record)
         store = RunStore(tmp)
         t1 = time.time()
         files, stats = sample_stage.sample_jobs(store, [sample_stage.SampleJob("s", problems, "chat")], spec, 1, 0,
