@@ -7,71 +7,85 @@ it over: a model of the same architecture and tokenizer is loaded into it in pla
 the toy default an engine start-up costs ~15 CPU-s and each trained model's evaluation
 paid one; the weights load in well under a second (README, "Measured figures").
 
-An idle engine holds its CPU (or GPU) slot. A training waiting for slots closes it
-(`close_idle`, the reclaim of ray_session.run_when_free), so does a stage that needs
-other engine settings, and the end of the run. On a cluster nothing could take a held
+An idle engine holds its CPU (or GPU) slot. A training whose wait for slots it alone
+prolongs closes it (`close_idle`, the reclaim of ray_session.run_when_free), so does a
+stage that needs other engine settings, and the end of the run. On a cluster nothing could take a held
 slot back from a pending training, so there engines end with their stage."""
 from __future__ import annotations
 
 import contextlib
 import threading
+from dataclasses import dataclass
 
 from actors.sampler import EngineSpec, VLLMSampler
 from pipeline.ray_session import is_local, worker_remote_args
 
+
+@dataclass(frozen=True)
+class Engine:
+    settings: tuple   # what it was started with besides the model and sampling (engine_settings)
+    holds: dict       # the Ray resources it holds, e.g. {"CPU": 1}
+    actor: object     # the VLLMSampler actor
+
+
 _lock = threading.Lock()
-_keeping: list[bool] = []           # [True] inside keeping_engines()
-_idle: list[tuple[tuple, object]] = []  # (engine settings, actor handle): one at most
+_keeping: list[bool] = []  # [True] inside keeping_engines()
+_idle: list[Engine] = []   # one at most
 
 
 def engine_settings(spec: EngineSpec, options: dict) -> tuple:
     """What an engine is started with and cannot change: everything but the model's
     weights and the sampling parameters."""
     return (spec.seed, spec.tensor_parallel, spec.gpu_memory_utilization, spec.kv_cache_gib, spec.max_model_len,
-            spec.dtype, tuple(sorted((k, str(v)) for k, v in options.items())))
+            spec.dtype, repr(sorted(options.items())))
 
 
-def acquire(spec: EngineSpec, count: int, gpus_per_engine: int) -> list:
-    """`count` engine actors serving `spec`: the idle one if it can switch to it, new ones
-    for the rest."""
+def acquire(spec: EngineSpec, count: int, gpus_per_engine: int) -> list[Engine]:
+    """`count` engines serving `spec`: the idle one if it can switch to it, new ones for
+    the rest."""
     import ray
 
+    holds = {"GPU": gpus_per_engine} if gpus_per_engine else {"CPU": 1}
     options = {"num_gpus": gpus_per_engine} if gpus_per_engine else {"num_cpus": 1}
     options.update(worker_remote_args())
     settings = engine_settings(spec, options)
     with _lock:
-        idle = [(s, a) for s, a in _idle if s == settings]
-        _close([a for s, a in _idle if s != settings])
+        idle = [e for e in _idle if e.settings == settings]
+        _close([e for e in _idle if e.settings != settings])
         _idle.clear()
     engines = []
-    for _, actor in idle[:count]:
-        if ray.get(actor.switch.remote(spec.to_dict())):
-            engines.append(actor)
+    for e in idle[:count]:
+        if ray.get(e.actor.switch.remote(spec.to_dict())):
+            engines.append(e)
         else:
-            ray.kill(actor)
+            _close([e])
     actor_class = ray.remote(VLLMSampler)
     while len(engines) < count:
-        engines.append(actor_class.options(**options).remote(spec.to_dict()))
-    return [(settings, a) for a in engines]
+        engines.append(Engine(settings, holds, actor_class.options(**options).remote(spec.to_dict())))
+    return engines
 
 
-def release(engines: list, healthy: bool = True) -> None:
+def release(engines: list[Engine], healthy: bool = True) -> None:
     """Engines a stage is done with: one is kept idle inside keeping_engines() on a local
     Ray (if it finished its work without error), the others end."""
     with _lock:
         if healthy and _keeping and is_local() and not _idle and engines:
             _idle.append(engines[0])
             engines = engines[1:]
-    _close([a for _, a in engines])
+    _close(engines)
 
 
-def close_idle() -> bool:
-    """End the idle engine, if any (its slot is wanted); True if there was one."""
+def close_idle(shortfall: dict[str, float] | None = None) -> bool:
+    """End the idle engine, if any, when the slot it holds covers `shortfall` (e.g.
+    {"CPU": 1} more wanted by a waiting training), or whenever no shortfall is given.
+    True if it ended one. A training that would wait anyway leaves it to the next
+    evaluation."""
     with _lock:
-        idle = [a for _, a in _idle]
-        _idle.clear()
-    _close(idle)
-    return bool(idle)
+        ending = [e for e in _idle if shortfall is None or
+                  all(e.holds.get(k, 0) >= v for k, v in shortfall.items())]
+        _idle[:] = [e for e in _idle if e not in ending]
+    _close(ending)
+    return bool(ending)
 
 
 @contextlib.contextmanager
@@ -86,8 +100,8 @@ def keeping_engines():
             close_idle()
 
 
-def _close(actors: list) -> None:
+def _close(engines: list[Engine]) -> None:
     import ray
 
-    for a in actors:
-        ray.kill(a)
+    for e in engines:
+        ray.kill(e.actor)

@@ -94,7 +94,7 @@ def is_local() -> bool:
     return bool(_local)
 
 
-def run_when_free(start, need: dict[str, float], poll_s: float = 0.5, reclaim=lambda: False):
+def run_when_free(start, need: dict[str, float], poll_s: float = 0.5, reclaim=lambda shortfall: False):
     """`start()`'s result; on a local Ray this driver started, `start` is called only once
     `need` (e.g. {"CPU": 2}) is free all at once. Ray Train starts a controller, a
     placement-group cleaner, a sync actor and a dataset manager when fit() is called, and
@@ -104,7 +104,8 @@ def run_when_free(start, need: dict[str, float], poll_s: float = 0.5, reclaim=la
     placement group is created, so two never pass on the same free CPUs. Nothing grows a local Ray, so
     waiting here costs nothing; on a cluster a pending fit is the demand an autoscaler
     acts on, so there it is not held back. A need larger than the whole Ray: not held back.
-    While `need` is not free, `reclaim()` may free something held idle (True if it did)."""
+    While `need` is not free, `reclaim(shortfall)` may end something held idle that
+    covers the shortfall (True if it did)."""
     import ray
     from concurrent.futures import ThreadPoolExecutor
 
@@ -112,8 +113,8 @@ def run_when_free(start, need: dict[str, float], poll_s: float = 0.5, reclaim=la
         return start()
     with ThreadPoolExecutor(1) as pool:
         with _admission:
-            while any(ray.available_resources().get(k, 0) < v for k, v in need.items()):
-                if not reclaim():
+            while shortfall := _shortfall(need):
+                if not reclaim(shortfall):
                     time.sleep(poll_s)
             before = set(ray.util.placement_group_table())
             running = pool.submit(start)
@@ -123,6 +124,13 @@ def run_when_free(start, need: dict[str, float], poll_s: float = 0.5, reclaim=la
                     for pg, info in ray.util.placement_group_table().items()):
                 time.sleep(poll_s / 5)
         return running.result()
+
+
+def _shortfall(need: dict[str, float]) -> dict[str, float]:
+    import ray
+
+    available = ray.available_resources()
+    return {k: v - available.get(k, 0) for k, v in need.items() if available.get(k, 0) < v}
 
 
 def worker_remote_args() -> dict:

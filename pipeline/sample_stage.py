@@ -88,7 +88,7 @@ def sample_jobs(store, jobs: list[SampleJob], spec: EngineSpec, num_engines: int
         engines = engine_pool.acquire(spec, min(num_engines, len(items)), gpus_per_engine)
         healthy = False
         try:
-            for k, rows, seconds in _sample_blocks([actor for _, actor in engines], items):
+            for k, rows, seconds in _sample_blocks([e.actor for e in engines], items):
                 generate_s[k] = seconds  # the actor's generate time for the block
                 rows = sorted(rows, key=lambda r: (r["prompt_id"], r["sample_idx"]))
                 skipped += _skipped_prompt_ids(rows)

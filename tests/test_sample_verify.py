@@ -135,12 +135,12 @@ def test_an_engine_switched_to_another_model_samples_what_a_fresh_engine_does(to
     assert engine_pool._idle == [], "outside a run an engine ends with its call"
     with engine_pool.keeping_engines():
         base_rows = sample("base", spec)
-        ((_, engine),) = engine_pool._idle
+        (engine,) = engine_pool._idle
         switched = sample("switched", spec_moved)
-        ((_, same),) = engine_pool._idle
-        assert same._actor_id == engine._actor_id, "the second call started an engine of its own"
+        assert engine_pool._idle == [engine], "the second call started an engine of its own"
         other_template = _copy_with_other_weights(toy_model, tmp_path / "template", chat_template="{{ messages }}")
-        assert ray.get(engine.switch.remote(dataclasses.replace(spec, model=other_template).to_dict())) is False
+        assert ray.get(engine.actor.switch.remote(dataclasses.replace(spec, model=other_template).to_dict())) is False
+        assert not engine_pool.close_idle({"CPU": 2}), "an idle engine holds one CPU: closing it would not do"
     assert engine_pool._idle == []
     assert switched == fresh
     assert [r["completion"] for r in switched] != [r["completion"] for r in base_rows]
