@@ -93,14 +93,14 @@ def chat_prompt(tokenizer, problem: str) -> str:
 
 
 def _training_batch(tokenizer, rng: random.Random, size: int):
-    texts, prompts = [], []
+    import torch
+
+    texts, prompt_lens = [], []
     for _ in range(size):
         a, b = toy_task.pretraining_pairs(rng)
         prompt = chat_prompt(tokenizer, toy_task.problem_text(a, b))
-        prompts.append(prompt)
         texts.append(prompt + toy_task.solution_text(a, b) + tokenizer.eos_token)
-    # One batched call each: the same ids as one call per text, without 64 calls' overhead.
-    prompt_lens = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+        prompt_lens.append(len(tokenizer(prompt)["input_ids"]))
     enc = tokenizer(texts, return_tensors="pt", padding=True)
     labels = enc["input_ids"].clone()
     labels[enc["attention_mask"] == 0] = -100

@@ -73,7 +73,10 @@ def test_a_local_training_run_starts_only_when_its_cpus_are_free(ray_local, monk
     from pipeline import ray_session
 
     monkeypatch.setattr(ray_session, "_local", [True])
-    need = {"CPU": ray.available_resources().get("CPU", 0)}  # everything free now (other tests' actors excluded)
+    deadline = time.time() + 60  # actors of earlier tests end asynchronously (ray.kill)
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.time() < deadline:
+        time.sleep(0.2)
+    need = {"CPU": ray.available_resources().get("CPU", 0)}  # everything free now
     assert need["CPU"] >= 1
     holder = ray.remote(num_cpus=1)(threading.Event).remote()  # an actor holding one of those CPUs
     ray.get(holder.is_set.remote())
