@@ -10,9 +10,8 @@ paid one; the weights load in well under a second (README, "Measured figures").
 An idle engine holds its CPU (or GPU) slot, never the Ray's last one. A training whose
 wait for slots it alone prolongs closes it (`close_idle`, the reclaim of
 ray_session.run_when_free), so do a stage that needs other engine settings and the end
-of the run. A stage that finds no idle engine and no free slot waits for one like it
-that another stage is using. On a cluster nothing could take a held slot back from a
-pending training, so there engines end with their stage."""
+of the run. On a cluster nothing could take a held slot back from a pending training,
+so there engines end with their stage."""
 from __future__ import annotations
 
 import contextlib
@@ -30,10 +29,9 @@ class Engine:
     actor: object     # the VLLMSampler actor
 
 
-_lock = threading.Condition()  # guards the lists below; notified when an engine comes back
+_lock = threading.Lock()
 _keeping: list[bool] = []  # [True] inside keeping_engines()
 _idle: list[Engine] = []   # one at most
-_leased: list[Engine] = []  # out with a stage now
 
 
 def engine_settings(spec: EngineSpec, options: dict) -> tuple:
@@ -53,11 +51,6 @@ def acquire(spec: EngineSpec, count: int, gpus_per_engine: int) -> list[Engine]:
     options.update(worker_remote_args())
     settings = engine_settings(spec, options)
     with _lock:
-        # On a local Ray with no free slot for another engine, one like it that a stage is
-        # using now comes back sooner than a slot frees (and saves a start-up).
-        while (_keeping and is_local() and not any(e.settings == settings for e in _idle)
-               and any(e.settings == settings for e in _leased) and not _free(holds)):
-            _lock.wait(timeout=1.0)
         idle = [e for e in _idle if e.settings == settings]
         _close([e for e in _idle if e.settings != settings])
         _idle.clear()
@@ -70,16 +63,7 @@ def acquire(spec: EngineSpec, count: int, gpus_per_engine: int) -> list[Engine]:
     actor_class = ray.remote(VLLMSampler)
     while len(engines) < count:
         engines.append(Engine(settings, holds, actor_class.options(**options).remote(spec.to_dict())))
-    with _lock:
-        _leased.extend(engines)
     return engines
-
-
-def _free(holds: dict) -> bool:
-    import ray
-
-    available = ray.available_resources()
-    return all(available.get(k, 0) >= v for k, v in holds.items())
 
 
 def release(engines: list[Engine], healthy: bool = True) -> None:
@@ -88,13 +72,11 @@ def release(engines: list[Engine], healthy: bool = True) -> None:
     import ray
 
     with _lock:
-        _leased[:] = [e for e in _leased if e not in engines]
         # Never the whole Ray: a task waiting for a slot could not tell the engine to go.
         if (healthy and _keeping and is_local() and not _idle and engines
                 and all(ray.cluster_resources().get(k, 0) > v for k, v in engines[0].holds.items())):
             _idle.append(engines[0])
             engines = engines[1:]
-        _lock.notify_all()
     _close(engines)
 
 
