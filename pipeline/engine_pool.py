@@ -7,10 +7,10 @@ it over: a model of the same architecture and tokenizer is loaded into it in pla
 the toy default an engine start-up costs ~15 CPU-s and each trained model's evaluation
 paid one; the weights load in well under a second (README, "Measured figures").
 
-An idle engine holds its CPU (or GPU) slot, never the Ray's last one. A training whose
-wait for slots it alone prolongs closes it (`close_idle`, the reclaim of
-ray_session.run_when_free), so do a stage that needs other engine settings and the end
-of the run. On a cluster nothing could take a held slot back from a pending training,
+An idle engine holds its CPU (or GPU) slot, never the Ray's last one, and none is kept
+while a placement group waits for slots. A training whose wait for slots it alone
+prolongs closes it (`close_idle`, the reclaim of ray_session.run_when_free), so do a
+stage that needs other engine settings and the end of the run. On a cluster nothing could take a held slot back from a pending training,
 so there engines end with their stage."""
 from __future__ import annotations
 
@@ -72,9 +72,12 @@ def release(engines: list[Engine], healthy: bool = True) -> None:
     import ray
 
     with _lock:
-        # Never the whole Ray: a task waiting for a slot could not tell the engine to go.
+        # Never the whole Ray, nor while a placement group waits (a training admitted on
+        # free CPUs whose group an engine started before it came): neither could make an
+        # idle engine go.
         if (healthy and _keeping and is_local() and not _idle and engines
-                and all(ray.cluster_resources().get(k, 0) > v for k, v in engines[0].holds.items())):
+                and all(ray.cluster_resources().get(k, 0) > v for k, v in engines[0].holds.items())
+                and not any(pg.get("state") == "PENDING" for pg in ray.util.placement_group_table().values())):
             _idle.append(engines[0])
             engines = engines[1:]
     _close(engines)

@@ -9,6 +9,8 @@ def test_an_idle_engine_is_kept_only_inside_a_run_on_a_local_ray_and_never_holds
     closed, cpus = [], [3]
     monkeypatch.setattr(engine_pool, "_close", lambda engines: closed.extend(engines))
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": cpus[0]})
+    groups = {}
+    monkeypatch.setattr(ray.util, "placement_group_table", lambda: groups)
     monkeypatch.setattr(ray_session, "_local", [True])
     first, second = (engine_pool.Engine(("settings",), {"CPU": 1}, object()) for _ in range(2))
 
@@ -31,6 +33,10 @@ def test_an_idle_engine_is_kept_only_inside_a_run_on_a_local_ray_and_never_holds
         monkeypatch.setattr(ray_session, "_local", [True])
         engine_pool.release([first], healthy=False)
         assert len(closed) == 3, "an engine whose stage failed is not handed on"
+        groups["pg"] = {"state": "PENDING"}
+        engine_pool.release([first])
+        assert len(closed) == 4, "a training's placement group waits: it may need the slot"
+        groups["pg"] = {"state": "CREATED"}
         engine_pool.release([second])
         assert engine_pool._idle == [second]
     assert engine_pool._idle == [] and closed[-1] is second, "the run's end closes the idle engine"
