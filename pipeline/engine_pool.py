@@ -4,8 +4,9 @@ Outside `keeping_engines()` every call gets engines started for it, and they end
 Inside, on a local Ray that verifine started, the engine a stage finished with is kept
 (one at most, idle) and the next stage that samples with the same engine settings takes
 it over: a model of the same architecture and tokenizer is loaded into it in place. In
-the toy default an engine start-up costs ~15 CPU-s and each trained model's evaluation
-paid one; the weights load in well under a second (README, "Measured figures").
+the toy default an engine start-up costs 12.5 CPU-s alone and each trained model's
+evaluation paid one; the weights load in well under a second (README, "Measured
+figures").
 
 An idle engine holds its CPU (or GPU) slot, never the Ray's last one, and none is kept
 while a placement group waits for slots. A training whose wait for slots it alone
