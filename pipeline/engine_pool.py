@@ -11,8 +11,9 @@ figures").
 An idle engine holds its CPU (or GPU) slot, never the Ray's last one, and none is kept
 while a placement group waits for slots. A training whose wait for slots it alone
 prolongs closes it (`close_idle`, the reclaim of ray_session.run_when_free), so do a
-stage that needs other engine settings and the end of the run. On a cluster nothing could take a held slot back from a pending training,
-so there engines end with their stage."""
+stage that needs other engine settings and the end of the run. On a cluster nothing
+could take a held slot back from a pending training, so there engines end with their
+stage."""
 from __future__ import annotations
 
 import contextlib
@@ -57,7 +58,12 @@ def acquire(spec: EngineSpec, count: int, gpus_per_engine: int) -> list[Engine]:
         _idle.clear()
     engines = []
     for e in idle[:count]:
-        if ray.get(e.actor.switch.remote(spec.to_dict())):
+        try:
+            switched = ray.get(e.actor.switch.remote(spec.to_dict()))
+        except BaseException:
+            _close([e])  # out of _idle already: nothing else would end it
+            raise
+        if switched:
             engines.append(e)
         else:
             _close([e])

@@ -31,6 +31,21 @@ def ray_local():
     ray.shutdown()
 
 
+def all_cpus_free_within(seconds: float) -> bool:
+    """Waits until no CPU of the session's Ray is held (actors end asynchronously after
+    ray.kill); False if some still are after `seconds`."""
+    import time
+
+    import ray
+
+    deadline = time.time() + seconds
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        if time.time() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A local S3-compatible server (moto) on loopback; yields its endpoint URL.

@@ -11,6 +11,7 @@ import pytest
 
 from actors.store import RunStore
 from pipeline.manifests import read_manifest
+from tests.conftest import all_cpus_free_within
 
 pytestmark = pytest.mark.slow
 
@@ -73,9 +74,7 @@ def test_a_local_training_run_starts_only_when_its_cpus_are_free(ray_local, monk
     from pipeline import ray_session
 
     monkeypatch.setattr(ray_session, "_local", [True])
-    deadline = time.time() + 60  # actors of earlier tests end asynchronously (ray.kill)
-    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.time() < deadline:
-        time.sleep(0.2)
+    all_cpus_free_within(60)  # actors of earlier tests end asynchronously (ray.kill)
     need = {"CPU": ray.available_resources().get("CPU", 0)}  # everything free now
     assert need["CPU"] >= 1
     holder = ray.remote(num_cpus=1)(threading.Event).remote()  # an actor holding one of those CPUs

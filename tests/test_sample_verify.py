@@ -13,6 +13,7 @@ import ray
 
 from pipeline.config import load_config
 from actors.store import RunStore
+from tests.conftest import all_cpus_free_within
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -109,17 +110,6 @@ def _copy_with_other_weights(model_dir: str, out: Path, chat_template: str | Non
     return str(out)
 
 
-def _all_cpus_free_within(seconds: float) -> bool:
-    import time
-
-    deadline = time.time() + seconds
-    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
-        if time.time() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
-
-
 def test_an_engine_switched_to_another_model_samples_what_a_fresh_engine_does(toy_model, ray_local, tmp_path):
     """Within one run on a local Ray (keeping_engines), the engine a sampling call ends
     with serves the next call: another model of the same architecture and tokenizer is
@@ -153,7 +143,7 @@ def test_an_engine_switched_to_another_model_samples_what_a_fresh_engine_does(to
         assert ray.get(engine.actor.switch.remote(dataclasses.replace(spec, model=other_template).to_dict())) is False
         assert not engine_pool.close_idle({"CPU": 2}), "an idle engine holds one CPU: closing it would not do"
     assert engine_pool._idle == []
-    assert _all_cpus_free_within(30), "the run's engine still holds its CPU"
+    assert all_cpus_free_within(30), "the run's engine still holds its CPU"
     assert switched == fresh
     assert [r["completion"] for r in switched] != [r["completion"] for r in base_rows]
 
