@@ -139,12 +139,11 @@ def worker_remote_args() -> dict:
     return {"resources": dict(_placement)} if _placement else {}
 
 
-def train_worker_resources(use_gpu: bool) -> dict | None:
-    """ScalingConfig.resources_per_worker: Ray Train's default (one CPU, or one GPU) plus
-    ray.worker_resource; None (Ray Train's default) when that is not set."""
-    if not _placement:
-        return None
-    return {**({"GPU": 1} if use_gpu else {"CPU": 1}), **_placement}
+def train_worker_resources(use_gpu: bool, cpus_per_worker: int = 1) -> dict:
+    """ScalingConfig.resources_per_worker: one GPU, or `cpus_per_worker` CPUs (Ray then
+    sets the worker's OMP_NUM_THREADS, so torch's threads, to that count), plus
+    ray.worker_resource when it is set."""
+    return {**({"GPU": 1} if use_gpu else {"CPU": cpus_per_worker}), **_placement}
 
 
 def check_shared_storage(run_dir: str) -> None:

@@ -10,7 +10,8 @@ from actors.train_loop import train_loop
 from actors.model_source import store_model_source
 from pipeline.external import base_model_source
 from pipeline.engine_pool import close_idle
-from pipeline.ray_session import run_when_free, train_worker_resources
+from pipeline.config import ConfigError
+from pipeline.ray_session import is_local, run_when_free, train_worker_resources
 
 VERSION = 3  # 2: rows over max_len dropped and counted (not cut); gold solutions end with the end-of-turn token;
              # 3: fused AdamW (the same update up to float rounding)
@@ -62,11 +63,12 @@ def run_train(ctx):
     loop_cfg = loop_config(c, ctx.store, data_file, ref_file, model, export_dir)
     loop_cfg["metrics_file"] = f"{ctx.work_dir}/metrics.jsonl"
     loop_cfg.update(test_hooks())
-    ctx.log(f"  training {c.objective} on {rows} {c.data} rows from {c.init} with {c.train.num_workers} workers"
-            + (f", reference {c.reference}" if c.reference else ""))
+    threads = "" if c.train.use_gpu else f" x {c.train.cpus_per_worker} CPU"
+    ctx.log(f"  training {c.objective} on {rows} {c.data} rows from {c.init} with {c.train.num_workers}{threads} "
+            f"workers" + (f", reference {c.reference}" if c.reference else ""))
     memory = check_memory(model, c.train, c.objective == "dpo", ctx.log)
     run_with_ray_train(loop_cfg, c.train.num_workers, c.train.use_gpu, ctx.store.full_uri(ctx.work_dir, "ray"),
-                       c.train.max_failures, ctx.log)
+                       c.train.max_failures, ctx.log, cpus_per_worker=c.train.cpus_per_worker)
     files = (ctx.store.list_files(export_dir) + [loop_cfg["metrics_file"]]
              + ctx.store.list_files(f"{ctx.work_dir}/tensorboard"))
     history = [l for l in ctx.store.read_bytes(loop_cfg["metrics_file"]).decode().splitlines() if l]
@@ -93,24 +95,41 @@ def test_hooks() -> dict:
 
 
 def run_with_ray_train(loop_cfg: dict, num_workers: int, use_gpu: bool, storage_uri: str, max_failures: int,
-                       log=print) -> list[dict]:
+                       log=print, cpus_per_worker: int = 1) -> list[dict]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    resources = train_worker_resources(use_gpu, cpus_per_worker)
+    need = {"GPU": num_workers} if use_gpu else {"CPU": num_workers * cpus_per_worker}
+    check_fits_local_ray(need, f"train.num_workers={num_workers}"
+                         + ("" if use_gpu else f" x train.cpus_per_worker={cpus_per_worker}"))
     trainer = TorchTrainer(
         train_loop_per_worker=_ray_worker_entry,
         train_loop_config={**loop_cfg, "in_ray": True},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=train_worker_resources(use_gpu)),
+                                     resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name="ray-train", storage_path=storage_uri,
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
-    result = run_when_free(trainer.fit, {"GPU" if use_gpu else "CPU": num_workers}, reclaim=close_idle)
+    result = run_when_free(trainer.fit, need, reclaim=close_idle)
     if result.error:
         raise result.error
     return result.metrics
+
+
+def check_fits_local_ray(need: dict[str, float], asked: str) -> None:
+    """A local Ray never grows: a training that needs more than it has would wait forever
+    for its placement group. (A cluster's autoscaler may add nodes, so there it waits.)"""
+    import ray
+
+    have = ray.cluster_resources()
+    short = {k: v for k, v in need.items() if have.get(k, 0) < v}
+    if is_local() and short:
+        raise ConfigError(f"{asked} needs {', '.join(f'{v:g} {k}' for k, v in short.items())}, but this local Ray "
+                          f"has {', '.join(f'{have.get(k, 0):g} {k}' for k in short)}: lower them (or raise "
+                          f"ray.num_cpus)")
 
 
 def _ray_worker_entry(config: dict) -> None:
@@ -181,7 +200,7 @@ def estimate_memory(shape: dict, t, pairs: bool, on_gpu: bool | None = None) -> 
             "zero_stage": zero, "gradient_checkpointing": t.gradient_checkpointing, "bf16": bf16}
 
 
-def ray_worker_memory(num_workers: int, use_gpu: bool) -> tuple[float | None, str]:
+def ray_worker_memory(num_workers: int, use_gpu: bool, cpus_per_worker: int = 1) -> tuple[float | None, str]:
     """Memory Ray reports for one training worker (GiB): the largest alive node's `memory`
     resource shared by the workers it holds (Ray Train packs them). GPU memory is not a
     Ray resource: on GPUs this is host memory only."""
@@ -190,7 +209,7 @@ def ray_worker_memory(num_workers: int, use_gpu: bool) -> tuple[float | None, st
 
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         best = max(nodes, key=lambda n: n["Resources"].get("memory", 0))
-        slots = best["Resources"].get("GPU" if use_gpu else "CPU", 1) or 1
+        slots = best["Resources"].get("GPU", 1) if use_gpu else best["Resources"].get("CPU", 1) // cpus_per_worker
         per_node = max(1, min(num_workers, int(slots)))
         return best["Resources"].get("memory", 0) / per_node / GIB, f"{per_node} worker(s) on the largest node"
     except Exception:
@@ -209,7 +228,7 @@ def check_memory(model_source, t, pairs: bool, log=print) -> dict | None:
         f"{est['gradients']:.2f} + optimizer {est['optimizer']:.2f} (ZeRO-{est['zero_stage']}) + activations "
         f"{est['activations']:.2f} ({est['micro_batch_tokens']} tokens, gradient checkpointing "
         f"{'on' if est['gradient_checkpointing'] else 'off'}); loading needs {est['load_gib']:.2f} GiB first")
-    have, where = ray_worker_memory(t.num_workers, t.use_gpu)
+    have, where = ray_worker_memory(t.num_workers, t.use_gpu, t.cpus_per_worker)
     est["ray_worker_gib"] = None if have is None else round(have, 3)
     need = max(est["total_gib"], est["load_gib"])
     if have is not None and need > have:

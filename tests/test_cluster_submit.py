@@ -154,13 +154,14 @@ def test_worker_resource_reaches_model_loading_workers_only_when_set(monkeypatch
     _fake_ray_init(monkeypatch)
     logged = []
     ray_session.connect(log=logged.append)
-    assert ray_session.worker_remote_args() == {} and ray_session.train_worker_resources(False) is None
+    assert ray_session.worker_remote_args() == {} and ray_session.train_worker_resources(False) == {"CPU": 1}
     cfg = load_config(None, ["ray.worker_resource=worker_node"])
     ray_session.connect(log=logged.append, worker_resource=cfg.ray.worker_resource)
     amount = ray_session.WORKER_RESOURCE_AMOUNT
     assert ray_session.worker_remote_args() == {"resources": {"worker_node": amount}}
     assert ray_session.train_worker_resources(False) == {"CPU": 1, "worker_node": amount}
     assert ray_session.train_worker_resources(True) == {"GPU": 1, "worker_node": amount}
+    assert ray_session.train_worker_resources(False, 2) == {"CPU": 2, "worker_node": amount}
     assert "'worker_node' (4 in the cluster now)" in logged[-1]
     # an execution setting: no stage's identity sees it
     assert identity_dump(cfg, "") == identity_dump(load_config(None, []), "")
@@ -538,7 +539,8 @@ S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "
 # after one), a small KV cache, placement on the worker node.
 SMALL_S3 = ["data.toy_count=16", "sample.block_size=8", "sample.gpu_memory_utilization=0.05",
             "train.objectives=[rft]", "train.batch_size=4", "train.epochs=1.0", "train.checkpoint_every=1",
-            "eval.limit=8", "eval.n=2", "ray.worker_resource=worker_node"]
+            "eval.limit=8", "eval.n=2", "ray.worker_resource=worker_node",
+            "train.num_workers=2", "train.cpus_per_worker=1"]  # two ranks: both must land on the worker node
 WORKER_RESOURCES = {"worker_node": 1}
 
 

@@ -136,6 +136,7 @@ BAD_RANGES = [
     ("train.grad_clip", 0, "> 0"),
     ("train.beta", 0, "> 0"),
     ("train.num_workers", 0, ">= 1"),
+    ("train.cpus_per_worker", 0, ">= 1"),
     ("train.checkpoint_every", 0, ">= 1"),
     ("train.report_every", -1, ">= 0"),
     ("train.max_failures", -1, ">= 0"),

@@ -66,6 +66,17 @@ def test_each_model_starts_one_engine_for_all_its_benchmarks(finished_run):
         assert later["blocks"] == later["blocks_resumed"] > 0 and later["output_tokens"] == 0
 
 
+def test_each_training_ran_on_the_configured_workers_with_one_thread_per_cpu(finished_run):
+    """The toy trains on one Ray Train worker holding both CPUs; Ray sets its torch threads
+    (OMP_NUM_THREADS) from the CPUs it holds, so it steps on both cores, as one process does."""
+    cfg, store, _ = finished_run
+    assert (cfg.train.num_workers, cfg.train.cpus_per_worker) == (1, 2)
+    for o in ["rft", "dft", "dpo", "chi2", "hellinger"]:
+        metrics = next(f for f in read_manifest(store, f"train/{o}")["files"] if f.endswith("metrics.jsonl"))
+        lines = [json.loads(l) for l in store.read_bytes(metrics).decode().splitlines() if l]
+        assert {(m["workers"], m["torch_threads"]) for m in lines} == {(1, 2)}, o
+
+
 def test_report_numbers_equal_the_stored_rows(finished_run):
     cfg, store, _ = finished_run
     report = json.loads(store.read_bytes("report/report.json"))

@@ -176,6 +176,6 @@ def test_memory_estimate_parts(monkeypatch):
     assert base["optimizer"] == pytest.approx(8 * 1e9 / 8 / 2 ** 30, rel=1e-3)  # AdamW fp32 state, ZeRO-2 over 8
     logs = []
     monkeypatch.setattr(train_stage, "model_shape", lambda source: shape)
-    monkeypatch.setattr(train_stage, "ray_worker_memory", lambda workers, gpu: (1.0, "test node"))
+    monkeypatch.setattr(train_stage, "ray_worker_memory", lambda workers, gpu, cpus: (1.0, "test node"))
     est = train_stage.check_memory("some-model", t, False, logs.append)
     assert "warning" in est and any("WARNING" in line and "gradient_checkpointing" in line for line in logs)

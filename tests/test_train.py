@@ -59,6 +59,20 @@ def load_weights(path):
     return load_file(str(Path(path) / "model.safetensors"))
 
 
+def test_a_training_larger_than_the_local_ray_fails_naming_its_keys(ray_local, tmp_path):
+    """A local Ray never grows, so a training that needs more CPUs than it has would wait
+    for its placement group forever; it fails at once, naming the keys to change."""
+    from pipeline import ray_session
+    from pipeline.config import ConfigError
+    from pipeline.train_stage import run_with_ray_train
+
+    assert ray_session.is_local() and ray_local.cluster_resources()["CPU"] == 2
+    with pytest.raises(ConfigError, match=r"^train\.num_workers=2 x train\.cpus_per_worker=2 needs 4 CPU, "
+                                          r"but this local Ray has 2 CPU"):
+        run_with_ray_train({}, 2, False, str(tmp_path / "ray"), 0, cpus_per_worker=2)
+    assert not (tmp_path / "ray").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [0, 2, 3])
 def test_two_workers_two_microbatches_equal_one_process_full_batch(toy_model, ray_local, tmp_path, zero_stage):
@@ -78,6 +92,7 @@ def test_two_workers_two_microbatches_equal_one_process_full_batch(toy_model, ra
     run_with_ray_train(dist_cfg, 2, False, str(tmp_path / "ray"), 0)
     metrics = [json.loads(l) for l in (tmp_path / "dist.jsonl").read_text().splitlines()]
     assert len(metrics) == 1 and metrics[0]["micro_batches_max"] >= 2, metrics
+    assert (metrics[0]["workers"], metrics[0]["torch_threads"]) == (2, 1), "a 1-CPU worker runs one torch thread"
     base, a, b = load_weights(toy_model), load_weights(tmp_path / "single"), load_weights(tmp_path / "dist")
     moved = max((a[k] - base[k]).abs().max().item() for k in a)
     assert moved > 1e-3, "the step did not change the weights"

@@ -15,7 +15,7 @@ own child process, one after the other, alternating over --repeat rounds:
 - ray_train: the stage as `verifine run` runs it. The loop config comes from
   `pipeline.train_stage.loop_config` on the train/dft stage's config view
   (`pipeline.plan.build_stages` on configs/toy.yaml: micro-batch token budget,
-  checkpoint_every, num_workers=2, ZeRO-0 ... as configured there; only batch size, lr,
+  checkpoint_every, num_workers, cpus_per_worker, ZeRO-0 ... as configured there; only batch size, lr,
   max_len and epochs are set from the arguments, and --set overrides), Ray is started by
   `pipeline.ray_session.connect` and the stage runs through
   `pipeline.train_stage.run_with_ray_train` (TorchTrainer, gloo), with checkpoints into a
@@ -23,7 +23,7 @@ own child process, one after the other, alternating over --repeat rounds:
   writes to the run store (rank 0's elapsed_s / tokens).
 - torchrun: the ray_train arm's workers without Ray: `actors.train_loop.train_loop` on
   the same loop config in as many processes as the stage has workers, launched by
-  `torch.distributed.run` (gloo, one OpenMP thread each, as Ray gives a 1-CPU worker;
+  `torch.distributed.run` (gloo, train.cpus_per_worker OpenMP threads each, as Ray gives a worker;
   checkpoints into one shared local directory). ray_train / torchrun is what Ray Train
   itself costs per step; torchrun's rate against the single arm's at the same thread
   count is what data parallelism costs (gradient all-reduce, ranks in lock-step).
@@ -270,12 +270,12 @@ def arm_ray_train(args, model: str) -> dict:
     storage = str(Path(args.data_dir) / f"ray-{uuid.uuid4().hex[:8]}")  # fresh: never resume an earlier run
     t0 = time.perf_counter()
     run_with_ray_train(loop_cfg, view.train.num_workers, view.train.use_gpu, storage, view.train.max_failures,
-                       log=lambda *_: None)
+                       log=lambda *_: None, cpus_per_worker=view.train.cpus_per_worker)
     fit_s = time.perf_counter() - t0
     text = RunStore(args.data_dir).read_bytes(loop_cfg["metrics_file"]).decode()
     history = [json.loads(l) for l in text.splitlines() if l]
     res = loop_figures(args, model, loop_cfg, history, fit_s)
-    res.update(ray_init_s=ray_init_s, num_workers=view.train.num_workers, torch_threads=None)
+    res.update(ray_init_s=ray_init_s, num_workers=history[-1]["workers"], torch_threads=history[-1]["torch_threads"])
     return res
 
 
@@ -369,6 +369,8 @@ def run_arm(name: str, args, data_dir: str) -> dict | None:
            "--logprob-chunk-tokens", str(args.logprob_chunk_tokens), "--trl-path", args.trl_path]
     cmd += [f"--set={o}" for o in args.set]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if name == "torchrun":  # the threads Ray gives a worker of the stage
+        env["OMP_NUM_THREADS"] = str(args.stage_cpus)
     if args.torch_threads:
         env["OMP_NUM_THREADS"] = str(args.torch_threads)
     before = load_avg()
@@ -448,7 +450,8 @@ def main() -> None:
     runs: dict[str, list[dict]] = {name: [] for name in arms}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         write_data(Path(tmp), args.examples, model)
-        args.stage_workers = pipeline_config(args, model, tmp, "probe")[1].train.num_workers
+        stage_train = pipeline_config(args, model, tmp, "probe")[1].train
+        args.stage_workers, args.stage_cpus = stage_train.num_workers, stage_train.cpus_per_worker
         for rep in range(args.repeat):  # arms alternate, so a burst of outside load hits all of them
             for name in arms:
                 r = run_arm(name, args, tmp)
@@ -473,7 +476,8 @@ def main() -> None:
                      f"{r['processes']} processes (gloo), {r['torch_threads']} torch thread(s) each")
         else:
             extra = f"{r['micro_batches']} micro-batch(es)/step (budget {r['micro_batch_tokens']} tokens)"
-            extra += (f", {r['num_workers']} Ray Train workers" if "num_workers" in r
+            extra += (f", {r['num_workers']} Ray Train worker(s), {r['torch_threads']} torch thread(s) each"
+                      if "num_workers" in r
                       else f", 1 process, {r['torch_threads']} torch threads")
         extra += f", checkpoint every {r['checkpoint_every']} steps"
         print(f"{name:9s}: {r['tok_s']:8.0f} tok/s ({r['resp_tok_s']:.0f} response tok/s) in the median of "
