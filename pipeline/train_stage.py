@@ -128,8 +128,8 @@ def check_fits_local_ray(need: dict[str, float], asked: str) -> None:
     short = {k: v for k, v in need.items() if have.get(k, 0) < v}
     if is_local() and short:
         raise ConfigError(f"{asked} needs {', '.join(f'{v:g} {k}' for k, v in short.items())}, but this local Ray "
-                          f"has {', '.join(f'{have.get(k, 0):g} {k}' for k in short)}: lower them (or raise "
-                          f"ray.num_cpus)")
+                          f"has {', '.join(f'{have.get(k, 0):g} {k}' for k in short)}: lower "
+                          + ("it" if "GPU" in short else "them, or raise ray.num_cpus"))
 
 
 def _ray_worker_entry(config: dict) -> None:
