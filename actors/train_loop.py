@@ -295,6 +295,7 @@ def _run_steps(cfg, engine, scheduler, units, schedule, start_step, metrics_log,
     uses_pairs = OBJECTIVE_SPECS[objective].uses_pairs
     width = 2 if uses_pairs else 1
     lengths = [unit_length(u) for u in units]
+    layout = {"workers": world, "torch_threads": torch.get_num_threads()}  # recorded with every step
     t0, tokens_seen = time.time(), 0
     for step in range(start_step, len(schedule)):
         step_units = schedule[step]
@@ -326,8 +327,7 @@ def _run_steps(cfg, engine, scheduler, units, schedule, start_step, metrics_log,
         engine.step()
         metrics = _step_metrics(engine, scheduler, total_loss, agg, step, len(schedule), t0, objective,
                                 bool(cfg.get("reference_file")))
-        metrics.update(resumed_from_step=start_step, micro_batches_max=len(my_plan), workers=world,
-                       torch_threads=torch.get_num_threads(), **(data_counts or {}))
+        metrics.update(resumed_from_step=start_step, micro_batches_max=len(my_plan), **layout, **(data_counts or {}))
         tokens_seen += metrics["tokens"]
         metrics["tokens_per_s"] = round(tokens_seen / max(time.time() - t0, 1e-9), 1)
         if not math.isfinite(metrics["loss"]):

@@ -94,7 +94,8 @@ def is_local() -> bool:
     return bool(_local)
 
 
-def run_when_free(start, need: dict[str, float], poll_s: float = 0.5, reclaim=lambda shortfall: False):
+def run_when_free(start, need: dict[str, float], poll_s: float = 0.5, reclaim=lambda shortfall: False,
+                  asked: str = "this stage"):
     """`start()`'s result; on a local Ray this driver started, `start` is called only once
     `need` (e.g. {"CPU": 2}) is free all at once. Ray Train starts a controller, a
     placement-group cleaner, a sync actor and a dataset manager when fit() is called, and
@@ -103,14 +104,22 @@ def run_when_free(start, need: dict[str, float], poll_s: float = 0.5, reclaim=la
     One caller at a time is admitted, and the next waits until the admitted one's
     placement group is created, so two never pass on the same free CPUs. Nothing grows a local Ray, so
     waiting here costs nothing; on a cluster a pending fit is the demand an autoscaler
-    acts on, so there it is not held back. A need larger than the whole Ray: not held back.
+    acts on, so there it is not held back. A need larger than the whole local Ray would
+    wait forever: ConfigError, naming `asked` (the config keys that set `need`).
     While `need` is not free, `reclaim(shortfall)` may end something held idle that
     covers the shortfall (True if it did)."""
     import ray
     from concurrent.futures import ThreadPoolExecutor
 
-    if not _local or any(ray.cluster_resources().get(k, 0) < v for k, v in need.items()):
+    from pipeline.config import ConfigError
+
+    if not _local:
         return start()
+    have = ray.cluster_resources()
+    if short := {k: v for k, v in need.items() if have.get(k, 0) < v}:
+        raise ConfigError(f"{asked} needs {', '.join(f'{v:g} {k}' for k, v in short.items())}, but this local Ray "
+                          f"has {', '.join(f'{have.get(k, 0):g} {k}' for k in short)}: lower "
+                          + ("it" if "GPU" in short else "them, or raise ray.num_cpus"))
     with ThreadPoolExecutor(1) as pool:
         with _admission:
             while shortfall := _shortfall(need):

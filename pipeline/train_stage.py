@@ -10,8 +10,7 @@ from actors.train_loop import train_loop
 from actors.model_source import store_model_source
 from pipeline.external import base_model_source
 from pipeline.engine_pool import close_idle
-from pipeline.config import ConfigError
-from pipeline.ray_session import is_local, run_when_free, train_worker_resources
+from pipeline.ray_session import run_when_free, train_worker_resources
 
 VERSION = 3  # 2: rows over max_len dropped and counted (not cut); gold solutions end with the end-of-turn token;
              # 3: fused AdamW (the same update up to float rounding)
@@ -100,9 +99,7 @@ def run_with_ray_train(loop_cfg: dict, num_workers: int, use_gpu: bool, storage_
     from ray.train.torch import TorchConfig, TorchTrainer
 
     resources = train_worker_resources(use_gpu, cpus_per_worker)
-    need = {"GPU": num_workers} if use_gpu else {"CPU": num_workers * cpus_per_worker}
-    check_fits_local_ray(need, f"train.num_workers={num_workers}"
-                         + ("" if use_gpu else f" x train.cpus_per_worker={cpus_per_worker}"))
+    need = {k: num_workers * v for k, v in resources.items() if k in ("CPU", "GPU")}
     trainer = TorchTrainer(
         train_loop_per_worker=_ray_worker_entry,
         train_loop_config={**loop_cfg, "in_ray": True},
@@ -113,23 +110,11 @@ def run_with_ray_train(loop_cfg: dict, num_workers: int, use_gpu: bool, storage_
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
-    result = run_when_free(trainer.fit, need, reclaim=close_idle)
+    asked = f"train.num_workers={num_workers}" + ("" if use_gpu else f" x train.cpus_per_worker={cpus_per_worker}")
+    result = run_when_free(trainer.fit, need, reclaim=close_idle, asked=asked)
     if result.error:
         raise result.error
     return result.metrics
-
-
-def check_fits_local_ray(need: dict[str, float], asked: str) -> None:
-    """A local Ray never grows: a training that needs more than it has would wait forever
-    for its placement group. (A cluster's autoscaler may add nodes, so there it waits.)"""
-    import ray
-
-    have = ray.cluster_resources()
-    short = {k: v for k, v in need.items() if have.get(k, 0) < v}
-    if is_local() and short:
-        raise ConfigError(f"{asked} needs {', '.join(f'{v:g} {k}' for k, v in short.items())}, but this local Ray "
-                          f"has {', '.join(f'{have.get(k, 0):g} {k}' for k in short)}: lower "
-                          + ("it" if "GPU" in short else "them, or raise ray.num_cpus"))
 
 
 def _ray_worker_entry(config: dict) -> None:

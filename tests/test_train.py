@@ -59,14 +59,18 @@ def load_weights(path):
     return load_file(str(Path(path) / "model.safetensors"))
 
 
-def test_a_training_larger_than_the_local_ray_fails_naming_its_keys(ray_local, tmp_path):
+def test_a_training_larger_than_the_local_ray_fails_naming_its_keys(ray_local, tmp_path, monkeypatch):
     """A local Ray never grows, so a training that needs more CPUs than it has would wait
-    for its placement group forever; it fails at once, naming the keys to change."""
+    for its placement group forever; it fails at once, naming the keys to change (fit is
+    never called: a stand-in that fails the test if it were, rather than hang)."""
+    from ray.train.torch import TorchTrainer
+
     from pipeline import ray_session
     from pipeline.config import ConfigError
     from pipeline.train_stage import run_with_ray_train
 
     assert ray_session.is_local() and ray_local.cluster_resources()["CPU"] == 2
+    monkeypatch.setattr(TorchTrainer, "fit", lambda self: pytest.fail("fit() was called"))
     with pytest.raises(ConfigError, match=r"^train\.num_workers=2 x train\.cpus_per_worker=2 needs 4 CPU, "
                                           r"but this local Ray has 2 CPU"):
         run_with_ray_train({}, 2, False, str(tmp_path / "ray"), 0, cpus_per_worker=2)
