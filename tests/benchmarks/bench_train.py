@@ -3,7 +3,8 @@ in one process, and TRL's SFTTrainer (DFT), on the same data.
 
     python tests/benchmarks/bench_train.py [--examples 512] [--batch-size 64] [--steps 24]
                                            [--max-len 256] [--skip 3] [--repeat 2] [--torch-threads 0]
-                                           [--arms ray_train,torchrun,single,plain,trl] [--trl-path /tmp/trl_pkgs]
+                                           [--arms ray_train,torchrun,single,plain,trl[,beside_ray]]
+                                           [--trl-path /tmp/trl_pkgs]
                                            [--set train.zero_stage=1 ...]
 
 Every arm trains the cached toy base model with the DFT objective on the same rows (toy
@@ -30,6 +31,12 @@ own child process, one after the other, alternating over --repeat rounds:
 - single: `actors.train_loop.train_loop` on the same loop config in one process
   (DeepSpeed at the config's ZeRO stage, world size 1; its checkpoints go to a local
   directory), its history's step times.
+- beside_ray (not in the default --arms): the single arm in a process that has started a
+  local Ray as the stage does and holds a Ray Train run of the stage's worker layout whose
+  workers only wait, so Ray's own processes (controller and helper actors, the idle worker
+  processes, raylet, GCS, agents) share the cores with the loop as during the stage, but no
+  step goes through Ray. beside_ray / single is what Ray's processes cost the loop on these
+  cores; ray_train / beside_ray is what is left to Ray Train's path inside the worker.
 - plain: the single arm's arithmetic without DeepSpeed: the same units, schedule,
   micro-batches and `actors.train_loop.micro_batch_loss` (head, objective), then plain
   torch clip_grad_norm_, AdamW and LambdaLR, and `torch.save` of model, optimizer and
@@ -279,6 +286,49 @@ def arm_ray_train(args, model: str) -> dict:
     return res
 
 
+def _wait_until_told(config: dict) -> None:
+    """A Ray Train worker of the beside_ray arm: it marks itself up, then only waits."""
+    Path(config["up"]).touch()
+    while not os.path.exists(config["done"]):
+        time.sleep(0.5)
+
+
+def arm_beside_ray(args, model: str) -> dict:
+    """The single arm's loop in this process while Ray runs beside it as it does during the
+    stage: a local Ray started by `pipeline.ray_session.connect`, holding a Ray Train run
+    of the stage's worker layout whose workers only wait (so its controller, helper actors,
+    worker processes, raylet, GCS and agents are all up). The loop shares the cores with
+    Ray's processes, but none of its steps go through Ray."""
+    import threading
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.ray_session import connect, train_worker_resources
+
+    cfg, view, _ = pipeline_config(args, model, args.data_dir, "beside_ray")
+    connect(cfg.ray.address, cfg.ray.num_cpus, log=lambda *_: None)
+    flags = tempfile.mkdtemp(prefix="beside-ray-", dir=args.data_dir)
+    up, done = os.path.join(flags, "up"), os.path.join(flags, "done")
+    trainer = TorchTrainer(
+        _wait_until_told, train_loop_config={"up": up, "done": done},
+        scaling_config=ScalingConfig(num_workers=view.train.num_workers,
+                                     resources_per_worker=train_worker_resources(False, view.train.cpus_per_worker)),
+        torch_config=TorchConfig(backend="gloo"), run_config=RunConfig(name="beside-ray", storage_path=flags))
+    fit = threading.Thread(target=trainer.fit, name="idle-ray-train", daemon=True)
+    fit.start()
+    deadline = time.time() + 300
+    while not os.path.exists(up):
+        if time.time() > deadline or not fit.is_alive():
+            raise RuntimeError("the idle Ray Train run beside the loop did not start its workers")
+        time.sleep(0.2)
+    try:
+        return loop_here(args, model, "beside_ray", tempfile.mkdtemp(prefix="ckpt-beside-", dir=args.data_dir))
+    finally:
+        Path(done).touch()
+        fit.join(timeout=120)
+
+
 def import_trl(path: str):
     if path and path not in sys.path:
         sys.path.insert(0, path)
@@ -354,8 +404,8 @@ def arm_trl(args, model_dir: str) -> dict:
             "checkpoints_saved": sorted(p.name for p in Path(config.output_dir).glob("checkpoint-*"))}
 
 
-ARMS = {"ray_train": arm_ray_train, "torchrun": arm_torchrun, "single": arm_single, "plain": arm_plain,
-        "trl": arm_trl}
+ARMS = {"ray_train": arm_ray_train, "torchrun": arm_torchrun, "single": arm_single, "beside_ray": arm_beside_ray,
+        "plain": arm_plain, "trl": arm_trl}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -478,7 +528,8 @@ def main() -> None:
             extra = f"{r['micro_batches']} micro-batch(es)/step (budget {r['micro_batch_tokens']} tokens)"
             extra += (f", {r['num_workers']} Ray Train worker(s), {r['torch_threads']} torch thread(s) each"
                       if "num_workers" in r
-                      else f", 1 process, {r['torch_threads']} torch threads")
+                      else f", 1 process, {r['torch_threads']} torch threads"
+                      + (", an idle Ray Train run beside it" if name == "beside_ray" else ""))
         extra += f", checkpoint every {r['checkpoint_every']} steps"
         print(f"{name:9s}: {r['tok_s']:8.0f} tok/s ({r['resp_tok_s']:.0f} response tok/s) in the median of "
               f"{len(rs)} run(s) {[round(x['tok_s']) for x in rs]}; {extra}")
@@ -486,6 +537,7 @@ def main() -> None:
               f" over all runs: median {median(x['median_step_tok_s'] for x in rs):.0f}, best "
               f"{max(x['median_step_tok_s'] for x in rs):.0f}")
         where = {"ray_train": "TorchTrainer.fit()", "single": "train_loop() call", "plain": "set-up + loop",
+                 "beside_ray": "train_loop() call",
                  "torchrun": "rank 0's train_loop() call"}.get(
             name, "model load + SFTTrainer set-up + train()")
         print(f"{'':9s}  loop {r['loop_s']:.1f} s for {r['steps']} steps; {where} {r['train_call_s']:.1f} s, so "
@@ -514,6 +566,15 @@ def main() -> None:
         print(f"ratio Ray Train / torchrun (what Ray Train itself costs per step, same workers): "
               f"{ray['tok_s'] / spawned['tok_s']:.2f}; median-step {med['ray_train'] / med['torchrun']:.2f}; "
               f"{paired(runs, 'ray_train', 'torchrun')}")
+    beside = best.get("beside_ray")
+    if beside and single:
+        print(f"ratio one process beside an idle Ray Train run / one process (what Ray's own processes cost the "
+              f"loop on these cores): {beside['tok_s'] / single['tok_s']:.2f}; median-step "
+              f"{med['beside_ray'] / med['single']:.2f}; {paired(runs, 'beside_ray', 'single')}")
+    if beside and ray:
+        print(f"ratio Ray Train / one process beside Ray (what is left to Ray Train's path in the worker): "
+              f"{ray['tok_s'] / beside['tok_s']:.2f}; median-step {med['ray_train'] / med['beside_ray']:.2f}; "
+              f"{paired(runs, 'ray_train', 'beside_ray')}")
     plain = best.get("plain")
     for name, key, r in (("Ray Train", "ray_train", ray), ("torchrun", "torchrun", spawned),
                          ("single process", "single", single)):
