@@ -185,16 +185,17 @@ def estimate_memory(shape: dict, t, pairs: bool, on_gpu: bool | None = None) -> 
             "zero_stage": zero, "gradient_checkpointing": t.gradient_checkpointing, "bf16": bf16}
 
 
-def ray_worker_memory(num_workers: int, use_gpu: bool, cpus_per_worker: int = 1) -> tuple[float | None, str]:
+def ray_worker_memory(num_workers: int, worker_resources: dict) -> tuple[float | None, str]:
     """Memory Ray reports for one training worker (GiB): the largest alive node's `memory`
-    resource shared by the workers it holds (Ray Train packs them). GPU memory is not a
-    Ray resource: on GPUs this is host memory only."""
+    resource shared by the workers it holds (Ray Train packs them), as many as its GPUs or
+    CPUs fit of `worker_resources` (train_worker_resources). GPU memory is not a Ray
+    resource: on GPUs this is host memory only."""
     try:
         import ray
 
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         best = max(nodes, key=lambda n: n["Resources"].get("memory", 0))
-        slots = best["Resources"].get("GPU", 1) if use_gpu else best["Resources"].get("CPU", 1) // cpus_per_worker
+        slots = min(best["Resources"].get(k, 0) // v for k, v in worker_resources.items() if k in ("CPU", "GPU"))
         per_node = max(1, min(num_workers, int(slots)))
         return best["Resources"].get("memory", 0) / per_node / GIB, f"{per_node} worker(s) on the largest node"
     except Exception:
@@ -213,7 +214,7 @@ def check_memory(model_source, t, pairs: bool, log=print) -> dict | None:
         f"{est['gradients']:.2f} + optimizer {est['optimizer']:.2f} (ZeRO-{est['zero_stage']}) + activations "
         f"{est['activations']:.2f} ({est['micro_batch_tokens']} tokens, gradient checkpointing "
         f"{'on' if est['gradient_checkpointing'] else 'off'}); loading needs {est['load_gib']:.2f} GiB first")
-    have, where = ray_worker_memory(t.num_workers, t.use_gpu, t.cpus_per_worker)
+    have, where = ray_worker_memory(t.num_workers, train_worker_resources(t.use_gpu, t.cpus_per_worker))
     est["ray_worker_gib"] = None if have is None else round(have, 3)
     need = max(est["total_gib"], est["load_gib"])
     if have is not None and need > have:

@@ -159,6 +159,26 @@ def test_over_long_training_rows_are_counted_and_excluded(qwen_tok, tmp_path):
     assert (len(units), counts["rows_dropped_too_long"]) == (1, 1)  # a pair goes when either side is too long
 
 
+def test_ray_worker_memory_shares_the_largest_node_among_the_workers_it_fits(monkeypatch):
+    """A worker's memory is the largest alive node's, divided among as many workers as its
+    CPUs (or GPUs) fit of one worker's resources; the cluster's state is faked."""
+    import ray
+
+    from pipeline import train_stage
+
+    gib = train_stage.GIB
+    nodes = [{"Alive": False, "Resources": {"memory": 64 * gib, "CPU": 64, "GPU": 8}},  # dead: never counted
+             {"Alive": True, "Resources": {"memory": 8 * gib, "CPU": 4}},
+             {"Alive": True, "Resources": {"memory": 2 * gib, "CPU": 2}}]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    label = {"verifine_worker": 0.001}  # ray.worker_resource: a label, not a slot
+    assert train_stage.ray_worker_memory(3, {"CPU": 2, **label}) == (4.0, "2 worker(s) on the largest node")
+    assert train_stage.ray_worker_memory(3, {"CPU": 1}) == (8 / 3, "3 worker(s) on the largest node")
+    assert train_stage.ray_worker_memory(2, {"CPU": 8})[0] == 8.0  # fits none: still one worker's share
+    nodes[1]["Resources"].update(GPU=2, memory=16 * gib)
+    assert train_stage.ray_worker_memory(4, {"GPU": 1, **label}) == (8.0, "2 worker(s) on the largest node")
+
+
 def test_memory_estimate_parts(monkeypatch):
     from pipeline import train_stage
     from pipeline.config import load_config
@@ -176,6 +196,6 @@ def test_memory_estimate_parts(monkeypatch):
     assert base["optimizer"] == pytest.approx(8 * 1e9 / 8 / 2 ** 30, rel=1e-3)  # AdamW fp32 state, ZeRO-2 over 8
     logs = []
     monkeypatch.setattr(train_stage, "model_shape", lambda source: shape)
-    monkeypatch.setattr(train_stage, "ray_worker_memory", lambda workers, gpu, cpus: (1.0, "test node"))
+    monkeypatch.setattr(train_stage, "ray_worker_memory", lambda workers, resources: (1.0, "test node"))
     est = train_stage.check_memory("some-model", t, False, logs.append)
     assert "warning" in est and any("WARNING" in line and "gradient_checkpointing" in line for line in logs)
