@@ -155,6 +155,12 @@ def train_worker_resources(use_gpu: bool, cpus_per_worker: int = 1) -> dict:
     return {**({"GPU": 1} if use_gpu else {"CPU": cpus_per_worker}), **_placement}
 
 
+def slot_resources(resources: dict) -> dict:
+    """The CPUs and GPUs of a worker's `resources` (train_worker_resources), without the
+    ray.worker_resource label: it places a worker but holds no slot."""
+    return {k: v for k, v in resources.items() if k in ("CPU", "GPU")}
+
+
 def check_shared_storage(run_dir: str) -> None:
     """On a multi-node cluster every node writes into the run directory: a local path
     would scatter the run over the nodes' disks."""

@@ -10,7 +10,7 @@ from actors.train_loop import train_loop
 from actors.model_source import store_model_source
 from pipeline.external import base_model_source
 from pipeline.engine_pool import close_idle
-from pipeline.ray_session import run_when_free, train_worker_resources
+from pipeline.ray_session import run_when_free, slot_resources, train_worker_resources
 
 VERSION = 3  # 2: rows over max_len dropped and counted (not cut); gold solutions end with the end-of-turn token;
              # 3: fused AdamW (the same update up to float rounding)
@@ -99,7 +99,7 @@ def run_with_ray_train(loop_cfg: dict, num_workers: int, use_gpu: bool, storage_
     from ray.train.torch import TorchConfig, TorchTrainer
 
     resources = train_worker_resources(use_gpu, cpus_per_worker)
-    need = {k: num_workers * v for k, v in resources.items() if k in ("CPU", "GPU")}
+    need = {k: num_workers * v for k, v in slot_resources(resources).items()}
     trainer = TorchTrainer(
         train_loop_per_worker=_ray_worker_entry,
         train_loop_config={**loop_cfg, "in_ray": True},
@@ -195,7 +195,7 @@ def ray_worker_memory(num_workers: int, worker_resources: dict) -> tuple[float |
 
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         best = max(nodes, key=lambda n: n["Resources"].get("memory", 0))
-        slots = min(best["Resources"].get(k, 0) // v for k, v in worker_resources.items() if k in ("CPU", "GPU"))
+        slots = min(best["Resources"].get(k, 0) // v for k, v in slot_resources(worker_resources).items())
         per_node = max(1, min(num_workers, int(slots)))
         return best["Resources"].get("memory", 0) / per_node / GIB, f"{per_node} worker(s) on the largest node"
     except Exception:
