@@ -429,9 +429,11 @@ def _step_metrics(engine, scheduler, total_loss, agg, step, total_steps, t0, obj
     dist.all_reduce(vec)
     tokens = vec[1].item()
     gn = engine.get_global_grad_norm()
+    now = time.time()
+    # time: the step's end on the wall clock (epoch s), to line steps up with other logs and processes
     out = {"step": step + 1, "total_steps": total_steps, "loss": vec[0].item(), "lr": scheduler.get_last_lr()[0],
            "grad_norm": float(gn) if gn is not None else None, "tokens": tokens,
-           "elapsed_s": round(time.time() - t0, 3)}
+           "elapsed_s": round(now - t0, 3), "time": round(now, 3)}
     out["tokens_per_s"] = None
     for i, k in enumerate(keys):
         out[k] = vec[2 + i].item() / max(tokens, 1)

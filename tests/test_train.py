@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -200,6 +201,10 @@ def test_ray_train_report_only_at_checkpoints_or_report_every(toy_model, ray_loc
     metrics = [json.loads(l) for l in (tmp_path / "model.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 13))
     assert all(m["tokens"] > 0 and m["elapsed_s"] > 0 for m in metrics)
+    # wall-clock step ends: increasing, and the same clock as elapsed_s (one loop start for all)
+    assert all(a["time"] < b["time"] for a, b in zip(metrics, metrics[1:]))
+    starts = [m["time"] - m["elapsed_s"] for m in metrics]
+    assert max(starts) - min(starts) < 0.01 and abs(starts[0] - time.time()) < 600, starts
 
 
 def test_cpu_engine_builds_no_inference_comm_kernel(tmp_path):

@@ -1,7 +1,7 @@
 """Training throughput: the train stage as the pipeline runs it (Ray Train), the same loop
 in one process, and TRL's SFTTrainer (DFT), on the same data.
 
-    python tests/benchmarks/bench_train.py [--examples 512] [--batch-size 64] [--steps 24]
+    python tests/benchmarks/bench_train.py [--turn-s 3] [--examples 512] [--batch-size 64] [--steps 160]
                                            [--max-len 256] [--skip 3] [--repeat 2] [--torch-threads 0]
                                            [--arms ray_train,torchrun,single,plain,trl[,beside_ray]]
                                            [--trl-path /tmp/trl_pkgs]
@@ -47,6 +47,15 @@ own child process, one after the other, alternating over --repeat rounds:
   if the installed TRL has no DFT), gradient_accumulation_steps=1, saving its resumable
   checkpoints (model, optimizer, schedule, RNG) with `save_steps`. Step times from a
   TrainerCallback; token counts from the batches it trains on.
+
+By default (--turn-s 3) all arms start at once and take turns: one runs for 3 s while the
+others' whole process trees (a local Ray included) are stopped with SIGSTOP; until every
+arm has made its first step only those still starting up get turns. Each arm's steps that
+ran wholly inside its own turns (from the wall-clock `time` of every metrics line) give
+its tokens/s, and each ratio uses the window both arms were training in. This machine's
+speed drifts by a third over minutes, so arms run one after the other (--turn-s 0, which
+also prints start-up times and the figures below) read drift as a difference; taking
+turns repeated the ratios within about 0.05 between rounds.
 
 Every arm saves a resumable checkpoint every `train.checkpoint_every` steps of the loop
 config (configs/toy.yaml: 20), as the stage does for fault tolerance, so all of them do
@@ -167,6 +176,19 @@ def pipeline_config(args, model: str, data_dir: str, export: str):
     return cfg, view, loop_cfg
 
 
+def training_started(data_dir: str, arm: str) -> bool:
+    """Whether the arm has finished its first step: the loop's metrics file (written by the
+    loop itself, within seconds of a step) or the mark the plain and TRL arms leave."""
+    out = Path(data_dir) / "out" / arm
+    return (out / "metrics.jsonl").exists() or (out / "training").exists()
+
+
+def mark_training(data_dir: str, arm: str) -> None:
+    out = Path(data_dir) / "out" / arm
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "training").touch()
+
+
 def loop_figures(args, model: str, loop_cfg: dict, history: list[dict], call_s: float) -> dict:
     """Throughput from the loop's per-step metrics (elapsed_s since the loop started)."""
     import torch
@@ -190,7 +212,8 @@ def loop_figures(args, model: str, loop_cfg: dict, history: list[dict], call_s: 
             "micro_batches": history[-1]["micro_batches_max"], "final_loss": history[-1]["loss"],
             "mean_loss": sum(m["loss"] for m in history) / len(history),
             "torch_threads": torch.get_num_threads(), "checkpoint_every": loop_cfg["checkpoint_every"],
-            "micro_batch_tokens": loop_cfg["micro_batch_tokens"]}
+            "micro_batch_tokens": loop_cfg["micro_batch_tokens"],
+            "end_times": [m["time"] for m in history], "step_tokens": all_tokens}
 
 
 def loop_here(args, model: str, arm: str, checkpoint_dir: str) -> dict:
@@ -255,8 +278,11 @@ def arm_plain(args, model: str) -> dict:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        history.append({"step": step + 1, "elapsed_s": time.time() - t0, "tokens": tokens, "loss": total_loss,
+        now = time.time()
+        history.append({"step": step + 1, "elapsed_s": now - t0, "time": now, "tokens": tokens, "loss": total_loss,
                         "micro_batches_max": len(plan)})
+        if step == 0:
+            mark_training(args.data_dir, "plain")
         if (step + 1) % cfg["checkpoint_every"] == 0 or step + 1 == len(schedule):  # as the loop's cadence
             torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict()},
                        os.path.join(args.data_dir, "plain-checkpoint.pt"))
@@ -369,12 +395,16 @@ def arm_trl(args, model_dir: str) -> dict:
         completion_only_loss=True)
 
     times: list[float] = []
+    wall_ends: list[float] = []
     counts: list[tuple[int, int]] = []
     losses: list = []
 
     class Clock(TrainerCallback):
         def on_step_end(self, *a, **k):
             times.append(time.perf_counter())
+            wall_ends.append(time.time())
+            if len(times) == 1:
+                mark_training(args.data_dir, "trl")
 
     class CountingTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, *a, **k):
@@ -401,7 +431,8 @@ def arm_trl(args, model_dir: str) -> dict:
             "mean_loss": result.training_loss,
             "loss_type": loss_type, "note": note, "trl_version": trl.__version__,
             "torch_threads": torch.get_num_threads(), "checkpoint_every": loop_cfg["checkpoint_every"],
-            "checkpoints_saved": sorted(p.name for p in Path(config.output_dir).glob("checkpoint-*"))}
+            "checkpoints_saved": sorted(p.name for p in Path(config.output_dir).glob("checkpoint-*")),
+            "end_times": wall_ends, "step_tokens": all_tokens}
 
 
 ARMS = {"ray_train": arm_ray_train, "torchrun": arm_torchrun, "single": arm_single, "beside_ray": arm_beside_ray,
@@ -409,7 +440,8 @@ ARMS = {"ray_train": arm_ray_train, "torchrun": arm_torchrun, "single": arm_sing
 
 
 # ----------------------------------------------------------------------------- driver
-def run_arm(name: str, args, data_dir: str) -> dict | None:
+def start_arm(name: str, args, data_dir: str) -> dict:
+    """One arm in a child process of its own; its output goes to <data_dir>/<arm>.log."""
     launcher = [sys.executable]
     if name == "torchrun":  # as many ranks as the stage has workers; a free port of its own
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.stage_workers}"]
@@ -423,34 +455,186 @@ def run_arm(name: str, args, data_dir: str) -> dict | None:
         env["OMP_NUM_THREADS"] = str(args.stage_cpus)
     if args.torch_threads:
         env["OMP_NUM_THREADS"] = str(args.torch_threads)
-    before = load_avg()
+    if args.turn_s:  # stopped while the other arms take their turns: the worker group's start takes longer
+        env.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     log = Path(data_dir) / f"{name}.log"
-    t0 = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - t0
-    text = log.read_text()
+    return {"name": name, "proc": proc, "log": log, "load_before": load_avg(), "t0": time.perf_counter()}
+
+
+def finish_arm(arm: dict, status: int, usage) -> dict | None:
+    """The arm's result line, or None (with its log kept and its error lines printed)."""
+    name, returncode = arm["name"], os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - arm["t0"]
+    text = arm["log"].read_text()
     lines = [l for l in text.splitlines() if l.startswith(RESULT)]
-    if proc.returncode != 0 or not lines:
+    if returncode != 0 or not lines:
         kept = Path(tempfile.gettempdir()) / f"bench-train-{name}-failed-{os.getpid()}.log"
         kept.write_text(text)
         errors = [l for l in text.splitlines() if "Error" in l or "error:" in l][-8:]
-        print(f"[{name}] FAILED (exit {proc.returncode}); whole log kept in {kept}; error lines:\n"
+        print(f"[{name}] FAILED (exit {returncode}); whole log kept in {kept}; error lines:\n"
               + "\n".join(l[:500] for l in errors) + f"\nlast output:\n{text[-1500:]}")
         return None
     res = json.loads(lines[-1][len(RESULT):])
     res.update(process_wall_s=wall, peak_rss_mib=usage.ru_maxrss / 1024)  # Linux: KiB
-    print(f"[{name}] load average before {before}, after {load_avg()}")
+    print(f"[{name}] load average before {arm['load_before']}, after {load_avg()}")
     return res
+
+
+def run_arm(name: str, args, data_dir: str) -> dict | None:
+    arm = start_arm(name, args, data_dir)
+    _, status, usage = os.wait4(arm["proc"].pid, 0)
+    return finish_arm(arm, status, usage)
+
+
+# ----------------------------------------------------------------------------- taking turns
+def process_tree(root: int) -> list[int]:
+    """root and its descendants: a local Ray's GCS, raylet, agents and workers all descend
+    from the driver that started it."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # exited meanwhile
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+def signal_tree(root: int, sig: int) -> int:
+    tree = process_tree(root)
+    for pid in tree:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    return len(tree)
+
+
+def take_turns(arms: list[dict], turn_s: float, data_dir: str) -> tuple[list[tuple[str, float, float]], dict, dict]:
+    """Run the arms' processes one at a time, `turn_s` seconds each in turn, until all have
+    exited. The others' whole process trees are stopped (SIGSTOP) meanwhile, so an arm has
+    the machine to itself in its turns, and every arm's turns are spread over the same
+    minutes: this machine's speed drifts by a third over minutes, which arms run one after
+    the other would read as a difference between them. Until every arm has started
+    training, only those still starting up take turns, so the loops run over the same
+    minutes. Returns the turns (arm, start, end; wall-clock), each arm's (wait status,
+    rusage), and the largest process tree seen."""
+    import signal
+
+    done: dict[str, tuple] = {}
+    turns: list[tuple[str, float, float]] = []
+    sizes: dict[str, int] = {}
+    for arm in arms:
+        signal_tree(arm["proc"].pid, signal.SIGSTOP)
+    try:
+        while len(done) < len(arms):
+            starting = {a["name"] for a in arms if a["name"] not in done and not training_started(data_dir, a["name"])}
+            for arm in arms:
+                name, pid = arm["name"], arm["proc"].pid
+                if name in done or (starting and name not in starting):
+                    continue
+                sizes[name] = max(sizes.get(name, 0), signal_tree(pid, signal.SIGCONT))
+                start = time.time()
+                while time.time() < start + turn_s:
+                    exited, status, usage = os.wait4(pid, os.WNOHANG)
+                    if exited:
+                        done[name] = (status, usage)
+                        break
+                    time.sleep(0.01)
+                end = time.time()
+                if name not in done:
+                    signal_tree(pid, signal.SIGSTOP)
+                turns.append((name, start, end))
+    finally:  # never leave a process stopped
+        for arm in arms:
+            if arm["name"] not in done:
+                signal_tree(arm["proc"].pid, signal.SIGCONT)
+    return turns, done, sizes
+
+
+def steps_in_turns(res: dict, turns: list[tuple[float, float]], skip: int) -> list[tuple[float, float, int]]:
+    """(start, end, tokens) of the steps after --skip that ran wholly inside one of the arm's
+    turns (a step's start is the previous step's end)."""
+    ends, tokens = res["end_times"], res["step_tokens"]
+    return [(ends[i - 1], ends[i], tokens[i]) for i in range(max(1, skip), len(ends))
+            if any(a <= ends[i - 1] and ends[i] <= b for a, b in turns)]
+
+
+def turn_rates(a: list, b: list) -> dict | None:
+    """Two arms' tokens/s over their in-turn steps inside the window both were training in
+    (so neither is compared over minutes the other did not see), and their median steps."""
+    if not a or not b:
+        return None
+    lo, hi = max(a[0][0], b[0][0]), min(a[-1][1], b[-1][1])
+    a, b = [x for x in a if lo <= x[0] and x[1] <= hi], [x for x in b if lo <= x[0] and x[1] <= hi]
+    if not a or not b:
+        return None
+    rate = lambda steps: sum(t for _, _, t in steps) / sum(e - s for s, e, _ in steps)
+    step_rate = lambda steps: median(t / (e - s) for s, e, t in steps)
+    return {"window_s": hi - lo, "steps": (len(a), len(b)), "rate": rate(a) / rate(b),
+            "median_step": step_rate(a) / step_rate(b), "a": rate(a), "b": rate(b)}
+
+
+def run_taking_turns(names: list[str], args, data_dir: str, rep: int) -> dict:
+    for name in names:  # an earlier round's marks would say this one has started
+        for mark in ("metrics.jsonl", "training"):
+            (Path(data_dir) / "out" / name / mark).unlink(missing_ok=True)
+    arms = [start_arm(name, args, data_dir) for name in names]
+    turns, done, sizes = take_turns(arms, args.turn_s, data_dir)
+    results = {a["name"]: finish_arm(a, *done[a["name"]]) for a in arms}
+    steps = {}
+    for name, res in results.items():
+        if res:
+            mine = [(a, b) for n, a, b in turns if n == name]
+            steps[name] = steps_in_turns(res, mine, args.skip)
+            print(f"[{name}] round {rep + 1}: {len(steps[name])} of {res['steps'] - args.skip} steps after "
+                  f"step {args.skip} inside its {len(mine)} turns; process tree up to {sizes[name]} processes; "
+                  f"peak RSS {res['peak_rss_mib']:.0f} MiB", flush=True)
+    return {"steps": steps, "results": results}
+
+
+RATIOS = [("ray_train", "single", "Ray Train / single process", 0.9),
+          ("ray_train", "torchrun", "Ray Train / torchrun (what Ray Train itself costs per step, same workers)", None),
+          ("beside_ray", "single", "one process beside an idle Ray Train run / one process", None),
+          ("single", "plain", "single process / plain (what DeepSpeed and the loop's bookkeeping cost)", None),
+          ("ray_train", "trl", "Ray Train / TRL", 1.2), ("torchrun", "trl", "torchrun / TRL", 1.2),
+          ("single", "trl", "single process / TRL", 1.2),
+          ("plain", "trl", "plain / TRL (the most that cutting the loop's overheads can reach)", None)]
+
+
+def report_turns(rounds: list[dict], args) -> None:
+    print()
+    print(f"taking turns of {args.turn_s:g} s (one arm running at a time, the others stopped); "
+          f"load average now {load_avg()}")
+    for name in {n for r in rounds for n in r["steps"]}:
+        rates = [sum(t for *_, t in r["steps"][name]) / max(sum(e - s for s, e, _ in r["steps"][name]), 1e-9)
+                 for r in rounds if r["steps"].get(name)]
+        print(f"{name:10s}: {median(rates):8.0f} tok/s over its in-turn steps (rounds: {[round(x) for x in rates]})")
+    for a, b, label, target in RATIOS:
+        per_round = [turn_rates(r["steps"][a], r["steps"][b]) for r in rounds if a in r["steps"] and b in r["steps"]]
+        per_round = [x for x in per_round if x]
+        if not per_round:
+            continue
+        rate, step = median(x["rate"] for x in per_round), median(x["median_step"] for x in per_round)
+        detail = "; ".join(f"{x['rate']:.2f} over {x['window_s']:.0f} s ({x['steps'][0]}/{x['steps'][1]} steps)"
+                           for x in per_round)
+        print(f"ratio {label} tokens/s, taking turns: {rate:.2f}; median-step {step:.2f}; by round: {detail}"
+              + (f"  (target >= {target})" if target else ""))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--examples", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=24, help="optimizer steps (may exceed one epoch)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps (may exceed one epoch); default 160 taking turns, 24 with --turn-s 0")
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--skip", type=int, default=3, help="first steps left out of the steady-state figure")
     p.add_argument("--lr", type=float, default=5e-4)
@@ -461,13 +645,20 @@ def main() -> None:
                    help="extra config override for the verifine arms (repeatable), e.g. train.zero_stage=1")
     p.add_argument("--trl-path", default="/tmp/trl_pkgs", help="directory holding trl + accelerate")
     p.add_argument("--arms", default="ray_train,torchrun,single,plain,trl")
-    p.add_argument("--repeat", type=int, default=2, help="runs per arm, alternating; the median run is reported")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="rounds (default 1 taking turns; with --turn-s 0: 2, runs per arm alternating, the median "
+                        "run reported)")
+    p.add_argument("--turn-s", type=float, default=3.0,
+                   help="run all arms at once, one at a time for this many seconds each in turn (the others "
+                        "stopped); 0: one arm after the other, which also gives start-up times")
     p.add_argument("--torch-threads", type=int, default=0,
                    help="OMP_NUM_THREADS for every arm (0: unset; torch then uses one thread per core in a plain "
                         "process, and Ray gives each train worker as many as its CPUs, i.e. 1)")
     p.add_argument("--arm", choices=sorted(ARMS), help=argparse.SUPPRESS)  # internal: run one arm here
     p.add_argument("--data-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.steps = args.steps or (160 if args.turn_s else 24)
+    args.repeat = args.repeat or (1 if args.turn_s else 2)
     if args.arm == "trl" and args.trl_path:
         # before transformers is imported: it decides once whether accelerate is available
         sys.path.insert(0, args.trl_path)
@@ -502,6 +693,10 @@ def main() -> None:
         write_data(Path(tmp), args.examples, model)
         stage_train = pipeline_config(args, model, tmp, "probe")[1].train
         args.stage_workers, args.stage_cpus = stage_train.num_workers, stage_train.cpus_per_worker
+        if args.turn_s:
+            rounds = [run_taking_turns(arms, args, tmp, rep) for rep in range(args.repeat)]
+            report_turns(rounds, args)
+            return
         for rep in range(args.repeat):  # arms alternate, so a burst of outside load hits all of them
             for name in arms:
                 r = run_arm(name, args, tmp)
