@@ -567,6 +567,11 @@ def steps_in_turns(res: dict, turns: list[tuple[float, float]], skip: int) -> li
             if any(a <= ends[i - 1] and ends[i] <= b for a, b in turns)]
 
 
+def steps_rate(steps: list[tuple[float, float, int]]) -> float:
+    """tokens/s over (start, end, tokens) steps."""
+    return sum(t for *_, t in steps) / max(sum(e - s for s, e, _ in steps), 1e-9)
+
+
 def turn_rates(a: list, b: list) -> dict | None:
     """Two arms' tokens/s over their in-turn steps inside the window both were training in
     (so neither is compared over minutes the other did not see), and their median steps."""
@@ -576,10 +581,9 @@ def turn_rates(a: list, b: list) -> dict | None:
     a, b = [x for x in a if lo <= x[0] and x[1] <= hi], [x for x in b if lo <= x[0] and x[1] <= hi]
     if not a or not b:
         return None
-    rate = lambda steps: sum(t for _, _, t in steps) / sum(e - s for s, e, _ in steps)
     step_rate = lambda steps: median(t / (e - s) for s, e, t in steps)
-    return {"window_s": hi - lo, "steps": (len(a), len(b)), "rate": rate(a) / rate(b),
-            "median_step": step_rate(a) / step_rate(b), "a": rate(a), "b": rate(b)}
+    return {"window_s": hi - lo, "steps": (len(a), len(b)), "rate": steps_rate(a) / steps_rate(b),
+            "median_step": step_rate(a) / step_rate(b)}
 
 
 def run_taking_turns(names: list[str], args, data_dir: str, rep: int) -> dict:
@@ -614,8 +618,7 @@ def report_turns(rounds: list[dict], args) -> None:
     print(f"taking turns of {args.turn_s:g} s (one arm running at a time, the others stopped); "
           f"load average now {load_avg()}")
     for name in {n for r in rounds for n in r["steps"]}:
-        rates = [sum(t for *_, t in r["steps"][name]) / max(sum(e - s for s, e, _ in r["steps"][name]), 1e-9)
-                 for r in rounds if r["steps"].get(name)]
+        rates = [steps_rate(r["steps"][name]) for r in rounds if r["steps"].get(name)]
         print(f"{name:10s}: {median(rates):8.0f} tok/s over its in-turn steps (rounds: {[round(x) for x in rates]})")
     for a, b, label, target in RATIOS:
         per_round = [turn_rates(r["steps"][a], r["steps"][b]) for r in rounds if a in r["steps"] and b in r["steps"]]
