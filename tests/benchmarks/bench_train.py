@@ -2,7 +2,7 @@
 in one process, and TRL's SFTTrainer (DFT), on the same data.
 
     python tests/benchmarks/bench_train.py [--turn-s 3] [--examples 512] [--batch-size 64] [--steps 160]
-                                           [--max-len 256] [--skip 3] [--repeat 2] [--torch-threads 0]
+                                           [--max-len 256] [--skip 3] [--repeat 1] [--torch-threads 0]
                                            [--arms ray_train,torchrun,single,plain,trl[,beside_ray]]
                                            [--trl-path /tmp/trl_pkgs]
                                            [--set train.zero_stage=1 ...]
@@ -11,7 +11,8 @@ Every arm trains the cached toy base model with the DFT objective on the same ro
 train prompts in the chat template + `toy_task.solution_text`, EOS appended, loss on the
 completion only), with the same batch size, max length, number of optimizer steps,
 AdamW (betas 0.9/0.95), lr, warm-up + cosine, clip 1.0, fp32 on CPU. Each arm runs in its
-own child process, one after the other, alternating over --repeat rounds:
+own child process (taking turns with the others, or with --turn-s 0 one after the other,
+alternating over --repeat rounds; see below):
 
 - ray_train: the stage as `verifine run` runs it. The loop config comes from
   `pipeline.train_stage.loop_config` on the train/dft stage's config view
@@ -55,7 +56,7 @@ ran wholly inside its own turns (from the wall-clock `time` of every metrics lin
 its tokens/s, and each ratio uses the window both arms were training in. This machine's
 speed drifts by a third over minutes, so arms run one after the other (--turn-s 0, which
 also prints start-up times and the figures below) read drift as a difference; taking
-turns repeated the ratios within about 0.05 between rounds.
+turns repeated the ratios within 0.02-0.07 between rounds.
 
 Every arm saves a resumable checkpoint every `train.checkpoint_every` steps of the loop
 config (configs/toy.yaml: 20), as the stage does for fault tolerance, so all of them do
@@ -601,7 +602,7 @@ def run_taking_turns(names: list[str], args, data_dir: str, rep: int) -> dict:
             print(f"[{name}] round {rep + 1}: {len(steps[name])} of {res['steps'] - args.skip} steps after "
                   f"step {args.skip} inside its {len(mine)} turns; process tree up to {sizes[name]} processes; "
                   f"peak RSS {res['peak_rss_mib']:.0f} MiB", flush=True)
-    return {"steps": steps, "results": results}
+    return {"steps": steps}
 
 
 RATIOS = [("ray_train", "single", "Ray Train / single process", 0.9),
@@ -622,8 +623,11 @@ def report_turns(rounds: list[dict], args) -> None:
         print(f"{name:10s}: {median(rates):8.0f} tok/s over its in-turn steps (rounds: {[round(x) for x in rates]})")
     for a, b, label, target in RATIOS:
         per_round = [turn_rates(r["steps"][a], r["steps"][b]) for r in rounds if a in r["steps"] and b in r["steps"]]
-        per_round = [x for x in per_round if x]
         if not per_round:
+            continue
+        per_round = [x for x in per_round if x]
+        if not per_round:  # e.g. one arm's whole loop ran before the other's had started: raise --steps
+            print(f"ratio {label}: no window with both arms training; raise --steps")
             continue
         rate, step = median(x["rate"] for x in per_round), median(x["median_step"] for x in per_round)
         detail = "; ".join(f"{x['rate']:.2f} over {x['window_s']:.0f} s ({x['steps'][0]}/{x['steps'][1]} steps)"
