@@ -234,6 +234,38 @@ def skip_inference_comm_op() -> None:
     deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
 
 
+def load_model_for_training(cfg: dict, model_path: str):
+    """The HF causal LM as the loop trains it: fp32 weights in training mode (HF loads a
+    model in eval mode, where dropout is off and gradient checkpointing silently does
+    nothing), no KV cache, activations recomputed in backward and decoder layers compiled
+    when the config asks."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model.train()
+    model.config.use_cache = False
+    if cfg.get("gradient_checkpointing"):
+        model.gradient_checkpointing_enable()
+    if cfg.get("compile"):
+        compile_decoder_layers(model)
+    return model
+
+
+def compile_decoder_layers(model) -> int:
+    """torch.compile each decoder layer in place (regional compilation): the layers share
+    one class, so one graph (with dynamic batch and sequence sizes) serves them all, and
+    compiling takes seconds per process instead of a whole model's minutes. In place, so
+    the state dict, checkpoints and the exported model keep their names. The fused
+    elementwise work (norms, rotary, SwiGLU) is the same arithmetic up to float rounding."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+        raise ValueError(f"train.compile: {type(model).__name__} has no list of decoder layers to compile "
+                         f"(model.get_decoder().layers); set train.compile=false")
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
 def build_engine(cfg: dict, model, total_steps: int):
     import deepspeed
 
@@ -252,7 +284,7 @@ def train_loop(cfg: dict) -> dict:
     import torch.distributed as dist
 
     with gc_paused():  # imports, model load, DeepSpeed set-up: see actors/gc_pause.py
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         in_ray = cfg.get("in_ray", False)
         on_gpu = torch.cuda.is_available() and cfg.get("use_gpu", False)
@@ -269,10 +301,7 @@ def train_loop(cfg: dict) -> dict:
             raise ValueError(f"{cfg['data_file']}: no training rows fit in max_len={cfg['max_len']} "
                              f"(prompt + response tokens): {counts}")
         schedule = step_schedule(len(units), cfg["batch_size"], cfg["epochs"], cfg["seed"])
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-        model.config.use_cache = False
-        if cfg.get("gradient_checkpointing"):
-            model.gradient_checkpointing_enable()
+        model = load_model_for_training(cfg, model_path)
         engine, scheduler = build_engine(cfg, TokenLogprobModel(model, cfg["logprob_chunk_tokens"]), len(schedule))
         start_step, history = _restore(engine, cfg, in_ray)
     metrics_log = MetricsLog(cfg, history, enabled=rank == 0)
@@ -295,7 +324,8 @@ def _run_steps(cfg, engine, scheduler, units, schedule, start_step, metrics_log,
     uses_pairs = OBJECTIVE_SPECS[objective].uses_pairs
     width = 2 if uses_pairs else 1
     lengths = [unit_length(u) for u in units]
-    layout = {"workers": world, "torch_threads": torch.get_num_threads()}  # recorded with every step
+    # recorded with every step: how the arithmetic was laid out
+    layout = {"workers": world, "torch_threads": torch.get_num_threads(), "compiled": bool(cfg.get("compile"))}
     t0, tokens_seen = time.time(), 0
     for step in range(start_step, len(schedule)):
         step_units = schedule[step]

@@ -45,6 +45,7 @@ NO_OUTPUT_EFFECT = (
     "sample.kv_cache_gib",            # KV-cache size
     "train.logprob_chunk_tokens",     # exact chunking of the same computation
     "train.gradient_checkpointing",   # recomputes the same activations: memory, not results
+    "train.compile",                  # fuses the same arithmetic: float rounding, not results
     "eval.registry",                  # where the registry lives; the entry and its data are hashed instead
 )
 
@@ -217,6 +218,7 @@ class TrainConfig(_Section):
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     optimizer: Literal["adamw", "sgd"] = "adamw"
     gradient_checkpointing: Bool = False         # recompute activations in backward: less memory, more time
+    compile: Bool = False                        # torch.compile the decoder layers: faster steps after a one-off compile
     checkpoint_every: Int = Field(50, ge=1)      # optimizer steps
     report_every: Int = Field(0, ge=0)           # also report metrics to Ray Train every N optimizer steps; 0: only at checkpoints
     max_failures: Int = Field(2, ge=0)
@@ -286,6 +288,9 @@ class Config(_Section):
             if (obj == "dpo") != (kind == "pairs"):
                 raise FieldProblem(f"train.data.{obj}",
                                    f"{kind!r} is not supported: DPO trains on pairs, and only DPO does")
+        if self.train.compile and self.train.zero_stage == 3:  # measured on the toy: 95 graphs, no faster
+            raise FieldProblem("train.compile", "needs train.zero_stage 0, 1 or 2: ZeRO-3's parameter hooks split "
+                                                "the compiled layers into many small graphs, and nothing is gained")
         for i, run in enumerate(self.train.runs):
             kind = run.data or DEFAULT_DATA[run.objective]
             if (run.objective == "dpo") != (kind == "pairs"):

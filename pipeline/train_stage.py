@@ -42,7 +42,7 @@ def loop_config(c, store, data_file: str, reference_file: str | None, model_path
         "grad_clip": t.grad_clip, "beta": t.beta, "zero_stage": t.zero_stage, "precision": t.precision,
         "optimizer": t.optimizer, "checkpoint_every": t.checkpoint_every, "report_every": t.report_every,
         "use_gpu": t.use_gpu, "logprob_chunk_tokens": t.logprob_chunk_tokens,
-        "gradient_checkpointing": t.gradient_checkpointing,
+        "gradient_checkpointing": t.gradient_checkpointing, "compile": t.compile,
     }
 
 

@@ -229,6 +229,13 @@ def test_unsupported_train_data_fails_at_load(tmp_path, data, key):
         load_config(p)
 
 
+def test_compile_under_zero3_fails_at_load(tmp_path):
+    p = write(tmp_path, "train:\n  compile: true\n  zero_stage: 3\n")
+    with pytest.raises(ConfigError, match=rf"^{p}: train.compile: needs train.zero_stage 0, 1 or 2"):
+        load_config(p)
+    assert load_config(None, ["train.compile=true", "train.zero_stage=2"]).train.compile is True
+
+
 def test_supported_train_data_loads(tmp_path):
     p = write(tmp_path, "train:\n  objectives: [sft, dft, dpo]\n"
                         "  data: {sft: gold, dft: positives, dpo: pairs, rft: gold}\n")

@@ -229,6 +229,58 @@ def test_cpu_engine_builds_no_inference_comm_kernel(tmp_path):
     assert not ext_dir.exists() or not any(ext_dir.rglob("*.so")), "a C++ extension was built"
 
 
+def _saved_bytes_and_grads(model, ids):
+    """Bytes autograd saves for backward in one forward of the loop's module, and the
+    parameters' gradients of its summed log-probs."""
+    from actors.token_logprobs import TokenLogprobModel
+
+    saved = 0
+
+    def pack(t):
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logp = TokenLogprobModel(model, chunk_tokens=64)(ids)
+    logp.sum().backward()
+    return saved, {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+def test_the_loop_trains_in_train_mode_so_gradient_checkpointing_recomputes(toy_model):
+    """HF loads a model in eval mode, where gradient checkpointing silently does nothing
+    (the paper configs' memory estimates count on it): the loop's model is in training
+    mode, keeps under half the activations with checkpointing, and gets the same gradients."""
+    from actors.train_loop import load_model_for_training
+
+    plain = load_model_for_training({}, toy_model)
+    ckpt = load_model_for_training({"gradient_checkpointing": True}, toy_model)
+    assert plain.training and ckpt.training and not plain.config.use_cache
+    ids = torch.randint(3, 200, (4, 48), generator=torch.Generator().manual_seed(0))
+    (full, plain_grads), (kept, ckpt_grads) = _saved_bytes_and_grads(plain, ids), _saved_bytes_and_grads(ckpt, ids)
+    assert kept < 0.5 * full, (kept, full)
+    for k, g in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[k], g, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_compiled_decoder_layers_give_the_eager_gradients_under_the_same_names(toy_model):
+    """train.compile compiles each decoder layer in place: the same log-probs and gradients
+    as eager up to float rounding, and the same state-dict names (checkpoints, export)."""
+    from actors.train_loop import load_model_for_training
+
+    eager, compiled = load_model_for_training({}, toy_model), load_model_for_training({"compile": True}, toy_model)
+    layers = compiled.get_decoder().layers
+    assert len(layers) >= 2 and all(layer._compiled_call_impl is not None for layer in layers)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    for shape in ((4, 48), (3, 61)):  # a second shape: dynamic sizes, not a graph per batch
+        ids = torch.randint(3, 200, shape, generator=torch.Generator().manual_seed(1))
+        (_, want), (_, got) = _saved_bytes_and_grads(eager, ids), _saved_bytes_and_grads(compiled, ids)
+        for k, g in want.items():  # fused kernels round differently: tolerance on the gradient's own scale
+            torch.testing.assert_close(got[k], g, rtol=1e-3, atol=1e-4 * g.abs().max().item())
+        eager.zero_grad(), compiled.zero_grad()
+
+
 def test_metrics_log_writes_in_background_and_on_demand(tmp_path):
     """Rank 0's metrics file follows the history from a background thread (the step never
     waits on the store), is brought up to date synchronously on write()/close(), and is

@@ -247,11 +247,12 @@ def arm_plain(args, model: str) -> dict:
     AdamW and LR schedule. The loop's cost over this arm is DeepSpeed's and its own
     bookkeeping's; this arm's rate over TRL's is the most that cutting them can reach."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from actors.sequences import micro_batches, step_schedule
     from actors.token_logprobs import TokenLogprobModel
-    from actors.train_loop import load_units, make_optimizer, micro_batch_loss, unit_length, unit_tokens
+    from actors.train_loop import (load_model_for_training, load_units, make_optimizer, micro_batch_loss, unit_length,
+                                   unit_tokens)
 
     _, _, cfg = pipeline_config(args, model, args.data_dir, "plain")
     t_call = time.perf_counter()
@@ -260,8 +261,7 @@ def arm_plain(args, model: str) -> dict:
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     units = load_units(cfg, tok)
     schedule = step_schedule(len(units), cfg["batch_size"], cfg["epochs"], cfg["seed"])
-    net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    net.config.use_cache = False
+    net = load_model_for_training(cfg, model)  # as the loop loads it (train mode; compiled if configured)
     head_model = TokenLogprobModel(net, cfg["logprob_chunk_tokens"])
     params = [q for q in head_model.parameters() if q.requires_grad]
     opt, sched = make_optimizer(cfg, params, len(schedule))
