@@ -46,8 +46,10 @@ alternating over --repeat rounds; see below):
   changing the arithmetic.
 - trl: `trl.SFTTrainer` with `SFTConfig(loss_type="dft")` (plain `nll` SFT, with a note,
   if the installed TRL has no DFT), gradient_accumulation_steps=1, saving its resumable
-  checkpoints (model, optimizer, schedule, RNG) with `save_steps`. Step times from a
-  TrainerCallback; token counts from the batches it trains on.
+  checkpoints (model, optimizer, schedule, RNG) with `save_steps`, and `torch_compile=True`
+  when the verifine arms compile (`--set train.compile=true`), so every arm runs the same
+  kind of arithmetic. Step times from a TrainerCallback; token counts from the batches it
+  trains on.
 
 By default (--turn-s 3) all arms start at once and take turns: one runs for 3 s while the
 others' whole process trees (a local Ray included) are stopped with SIGSTOP; until every
@@ -383,7 +385,7 @@ def arm_trl(args, model_dir: str) -> dict:
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     data = load_dataset("json", data_files=os.path.join(args.data_dir, "train.jsonl"), split="train")
-    _, _, loop_cfg = pipeline_config(args, model_dir, args.data_dir, "trl")  # the stage's checkpoint cadence
+    _, _, loop_cfg = pipeline_config(args, model_dir, args.data_dir, "trl")  # the stage's checkpoint cadence, compile
     warmup = max(1, int(round(args.steps * 0.1)))
     config = SFTConfig(
         output_dir=os.path.join(args.data_dir, "trl-out"), loss_type=loss_type, max_length=args.max_len,
@@ -393,7 +395,7 @@ def arm_trl(args, model_dir: str) -> dict:
         fp16=False, gradient_checkpointing=False, packing=False, padding_free=False, save_strategy="steps",
         save_steps=loop_cfg["checkpoint_every"],
         report_to="none", logging_steps=10 ** 6, disable_tqdm=True, dataloader_num_workers=0, seed=0,
-        completion_only_loss=True)
+        completion_only_loss=True, torch_compile=bool(loop_cfg["compile"]))  # compiled when verifine's arms are
 
     times: list[float] = []
     wall_ends: list[float] = []
@@ -430,7 +432,7 @@ def arm_trl(args, model_dir: str) -> dict:
             "median_step_s": median([b - a for a, b in zip([0.0] + times, times)][args.skip:]),
             "startup_s": call_s - times[-1],
             "mean_loss": result.training_loss,
-            "loss_type": loss_type, "note": note, "trl_version": trl.__version__,
+            "loss_type": loss_type, "note": note, "trl_version": trl.__version__, "compiled": config.torch_compile,
             "torch_threads": torch.get_num_threads(), "checkpoint_every": loop_cfg["checkpoint_every"],
             "checkpoints_saved": sorted(p.name for p in Path(config.output_dir).glob("checkpoint-*")),
             "end_times": wall_ends, "step_tokens": all_tokens}
@@ -458,6 +460,9 @@ def start_arm(name: str, args, data_dir: str) -> dict:
         env["OMP_NUM_THREADS"] = str(args.torch_threads)
     if args.turn_s:  # stopped while the other arms take their turns: the worker group's start takes longer
         env.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+        # torch.compile's cache of its own per arm: an arm stopped while it holds a lock of a
+        # shared cache made another's compile time out waiting for it
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(Path(data_dir) / f"inductor-{name}")
     log = Path(data_dir) / f"{name}.log"
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -700,6 +705,8 @@ def main() -> None:
         write_data(Path(tmp), args.examples, model)
         stage_train = pipeline_config(args, model, tmp, "probe")[1].train
         args.stage_workers, args.stage_cpus = stage_train.num_workers, stage_train.cpus_per_worker
+        if stage_train.compile:
+            print("train.compile=true: the verifine arms compile their decoder layers, TRL its model (torch_compile)")
         if args.turn_s:
             rounds = [run_taking_turns(arms, args, tmp, rep) for rep in range(args.repeat)]
             report_turns(rounds, args)
