@@ -3,7 +3,7 @@ in one process, and TRL's SFTTrainer (DFT), on the same data.
 
     python tests/benchmarks/bench_train.py [--turn-s 3] [--examples 512] [--batch-size 64] [--steps 160]
                                            [--max-len 256] [--skip 3] [--repeat 1] [--torch-threads 0]
-                                           [--arms ray_train,torchrun,single,plain,trl[,beside_ray]]
+                                           [--arms ray_train,torchrun,single,plain,trl[,beside_ray][,ARM+compile]]
                                            [--trl-path /tmp/trl_pkgs]
                                            [--set train.zero_stage=1 ...]
 
@@ -50,6 +50,13 @@ alternating over --repeat rounds; see below):
   when the verifine arms compile (`--set train.compile=true`), so every arm runs the same
   kind of arithmetic. Step times from a TrainerCallback; token counts from the batches it
   trains on.
+
+An arm named with the suffix `+compile` (`ray_train+compile`, `single+compile`,
+`trl+compile`, ...) is that arm with `train.compile=true` alone (TRL: `torch_compile=True`),
+so one call sets compiled and eager arms side by side, e.g.
+`--arms ray_train,single,trl,single+compile,trl+compile`. At most one Ray arm
+(`ray_train`, `beside_ray`, with or without the suffix) per call: each starts a local Ray of
+its own, and a second one stopped while it starts timed out waiting for its raylet.
 
 By default (--turn-s 3) all arms start at once and take turns: one runs for 3 s while the
 others' whole process trees (a local Ray included) are stopped with SIGSTOP; until every
@@ -232,7 +239,7 @@ def loop_here(args, model: str, arm: str, checkpoint_dir: str) -> dict:
 
 
 def arm_single(args, model: str) -> dict:
-    return loop_here(args, model, "single", tempfile.mkdtemp(prefix="ckpt-single-", dir=args.data_dir))
+    return loop_here(args, model, args.arm, tempfile.mkdtemp(prefix="ckpt-single-", dir=args.data_dir))
 
 
 def arm_torchrun(args, model: str) -> dict:
@@ -240,7 +247,7 @@ def arm_torchrun(args, model: str) -> dict:
     # One directory for all ranks (as a run store), fresh for every run: a finished run's
     # checkpoint would make the next one resume at its last step. The ranks share the run id.
     ckpt = os.path.join(args.data_dir, f"ckpt-torchrun-{os.environ['TORCHELASTIC_RUN_ID']}")
-    return {**loop_here(args, model, "torchrun", ckpt), "processes": int(os.environ["WORLD_SIZE"])}
+    return {**loop_here(args, model, args.arm, ckpt), "processes": int(os.environ["WORLD_SIZE"])}
 
 
 def arm_plain(args, model: str) -> dict:
@@ -256,7 +263,7 @@ def arm_plain(args, model: str) -> dict:
     from actors.train_loop import (load_model_for_training, load_units, make_optimizer, micro_batch_loss, unit_length,
                                    unit_tokens)
 
-    _, _, cfg = pipeline_config(args, model, args.data_dir, "plain")
+    _, _, cfg = pipeline_config(args, model, args.data_dir, args.arm)
     t_call = time.perf_counter()
     torch.manual_seed(cfg["seed"])
     tok = AutoTokenizer.from_pretrained(model)
@@ -285,7 +292,7 @@ def arm_plain(args, model: str) -> dict:
         history.append({"step": step + 1, "elapsed_s": now - t0, "time": now, "tokens": tokens, "loss": total_loss,
                         "micro_batches_max": len(plan)})
         if step == 0:
-            mark_training(args.data_dir, "plain")
+            mark_training(args.data_dir, args.arm)
         if (step + 1) % cfg["checkpoint_every"] == 0 or step + 1 == len(schedule):  # as the loop's cadence
             torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict()},
                        os.path.join(args.data_dir, "plain-checkpoint.pt"))
@@ -299,7 +306,7 @@ def arm_ray_train(args, model: str) -> dict:
     from pipeline.ray_session import connect
     from pipeline.train_stage import run_with_ray_train
 
-    cfg, view, loop_cfg = pipeline_config(args, model, args.data_dir, "ray_train")
+    cfg, view, loop_cfg = pipeline_config(args, model, args.data_dir, args.arm)
     t0 = time.perf_counter()
     connect(cfg.ray.address, cfg.ray.num_cpus, log=lambda *_: None)
     ray_init_s = time.perf_counter() - t0
@@ -335,7 +342,7 @@ def arm_beside_ray(args, model: str) -> dict:
 
     from pipeline.ray_session import connect, train_worker_resources
 
-    cfg, view, _ = pipeline_config(args, model, args.data_dir, "beside_ray")
+    cfg, view, _ = pipeline_config(args, model, args.data_dir, args.arm)
     connect(cfg.ray.address, cfg.ray.num_cpus, log=lambda *_: None)
     flags = tempfile.mkdtemp(prefix="beside-ray-", dir=args.data_dir)
     up, done = os.path.join(flags, "up"), os.path.join(flags, "done")
@@ -352,7 +359,7 @@ def arm_beside_ray(args, model: str) -> dict:
             raise RuntimeError("the idle Ray Train run beside the loop did not start its workers")
         time.sleep(0.2)
     try:
-        return loop_here(args, model, "beside_ray", tempfile.mkdtemp(prefix="ckpt-beside-", dir=args.data_dir))
+        return loop_here(args, model, args.arm, tempfile.mkdtemp(prefix="ckpt-beside-", dir=args.data_dir))
     finally:
         Path(done).touch()
         fit.join(timeout=120)
@@ -385,7 +392,7 @@ def arm_trl(args, model_dir: str) -> dict:
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     data = load_dataset("json", data_files=os.path.join(args.data_dir, "train.jsonl"), split="train")
-    _, _, loop_cfg = pipeline_config(args, model_dir, args.data_dir, "trl")  # the stage's checkpoint cadence, compile
+    _, _, loop_cfg = pipeline_config(args, model_dir, args.data_dir, args.arm)  # the stage's checkpoint cadence, compile
     warmup = max(1, int(round(args.steps * 0.1)))
     config = SFTConfig(
         output_dir=os.path.join(args.data_dir, "trl-out"), loss_type=loss_type, max_length=args.max_len,
@@ -407,7 +414,7 @@ def arm_trl(args, model_dir: str) -> dict:
             times.append(time.perf_counter())
             wall_ends.append(time.time())
             if len(times) == 1:
-                mark_training(args.data_dir, "trl")
+                mark_training(args.data_dir, args.arm)
 
     class CountingTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, *a, **k):
@@ -440,13 +447,21 @@ def arm_trl(args, model_dir: str) -> dict:
 
 ARMS = {"ray_train": arm_ray_train, "torchrun": arm_torchrun, "single": arm_single, "beside_ray": arm_beside_ray,
         "plain": arm_plain, "trl": arm_trl}
+COMPILED = "+compile"  # an arm name's suffix: that arm alone runs with train.compile=true (TRL: torch_compile)
+
+
+def base_arm(name: str) -> str:
+    base = name.removesuffix(COMPILED)
+    if base not in ARMS:
+        raise SystemExit(f"unknown arm {name!r}: one of {', '.join(ARMS)}, each optionally with {COMPILED}")
+    return base
 
 
 # ----------------------------------------------------------------------------- driver
 def start_arm(name: str, args, data_dir: str) -> dict:
     """One arm in a child process of its own; its output goes to <data_dir>/<arm>.log."""
     launcher = [sys.executable]
-    if name == "torchrun":  # as many ranks as the stage has workers; a free port of its own
+    if base_arm(name) == "torchrun":  # as many ranks as the stage has workers; a free port of its own
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.stage_workers}"]
     cmd = launcher + [__file__, "--arm", name, "--data-dir", data_dir, "--examples", str(args.examples),
            "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--max-len", str(args.max_len),
@@ -454,7 +469,7 @@ def start_arm(name: str, args, data_dir: str) -> dict:
            "--logprob-chunk-tokens", str(args.logprob_chunk_tokens), "--trl-path", args.trl_path]
     cmd += [f"--set={o}" for o in args.set]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    if name == "torchrun":  # the threads Ray gives a worker of the stage
+    if base_arm(name) == "torchrun":  # the threads Ray gives a worker of the stage
         env["OMP_NUM_THREADS"] = str(args.stage_cpus)
     if args.torch_threads:
         env["OMP_NUM_THREADS"] = str(args.torch_threads)
@@ -616,7 +631,14 @@ RATIOS = [("ray_train", "single", "Ray Train / single process", 0.9),
           ("single", "plain", "single process / plain (what DeepSpeed and the loop's bookkeeping cost)", None),
           ("ray_train", "trl", "Ray Train / TRL", 1.2), ("torchrun", "trl", "torchrun / TRL", 1.2),
           ("single", "trl", "single process / TRL", 1.2),
-          ("plain", "trl", "plain / TRL (the most that cutting the loop's overheads can reach)", None)]
+          ("plain", "trl", "plain / TRL (the most that cutting the loop's overheads can reach)", None),
+          ("ray_train+compile", "ray_train", "Ray Train compiled / eager (what train.compile gains the stage)", None),
+          ("single+compile", "single", "single process compiled / eager", None),
+          ("trl+compile", "trl", "TRL compiled / eager", None),
+          ("ray_train+compile", "single+compile", "Ray Train / single process, both compiled", 0.9),
+          ("ray_train+compile", "trl+compile", "Ray Train / TRL, both compiled", 1.2),
+          ("ray_train+compile", "trl", "Ray Train compiled / TRL eager", None),
+          ("single+compile", "trl+compile", "single process / TRL, both compiled", 1.2)]
 
 
 def report_turns(rounds: list[dict], args) -> None:
@@ -666,12 +688,12 @@ def main() -> None:
     p.add_argument("--torch-threads", type=int, default=0,
                    help="OMP_NUM_THREADS for every arm (0: unset; torch then uses one thread per core in a plain "
                         "process, and Ray gives each train worker as many as its CPUs, i.e. 1)")
-    p.add_argument("--arm", choices=sorted(ARMS), help=argparse.SUPPRESS)  # internal: run one arm here
+    p.add_argument("--arm", help=argparse.SUPPRESS)  # internal: run one arm (ARMS name, maybe +compile) here
     p.add_argument("--data-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.steps = args.steps or (160 if args.turn_s else 24)
     args.repeat = args.repeat or (1 if args.turn_s else 2)
-    if args.arm == "trl" and args.trl_path:
+    if args.arm and base_arm(args.arm) == "trl" and args.trl_path:
         # before transformers is imported: it decides once whether accelerate is available
         sys.path.insert(0, args.trl_path)
 
@@ -681,7 +703,9 @@ def main() -> None:
     if args.arm:
         import resource
 
-        res = ARMS[args.arm](args, model)
+        if args.arm.endswith(COMPILED):
+            args.set.append("train.compile=true")
+        res = ARMS[base_arm(args.arm)](args, model)
         if os.environ.get("RANK", "0") != "0":  # a torchrun rank other than 0: rank 0 reports
             return
         res["self_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
@@ -689,14 +713,16 @@ def main() -> None:
         return
 
     arms = args.arms.split(",")
-    if "trl" in arms:
+    for name in arms:
+        base_arm(name)  # an unknown name fails here, before any arm starts
+    if any(base_arm(a) == "trl" for a in arms):
         try:
             trl = import_trl(args.trl_path)
             print(f"TRL {trl.__version__} from {Path(trl.__file__).parent}")
         except ImportError as e:
             print(f"TRL arm skipped: cannot import trl ({e}); install it outside the project venv, e.g. "
                   f"`pip install --target {args.trl_path} --no-deps trl accelerate`, or pass --trl-path")
-            arms.remove("trl")
+            arms = [a for a in arms if base_arm(a) != "trl"]
     print(f"{args.examples} examples, batch {args.batch_size}, {args.steps} steps, max_len {args.max_len}, "
           f"lr {args.lr}, fp32 CPU, steady state after step {args.skip}; {os.cpu_count()} CPUs; "
           f"load average {load_avg()}")
@@ -728,9 +754,9 @@ def main() -> None:
         if "loss_type" in r:
             extra = (f"loss_type {r['loss_type']}, {r['torch_threads']} torch threads, "
                      f"saved {', '.join(r['checkpoints_saved']) or 'no checkpoint'}")
-        elif name == "plain":
+        elif base_arm(name) == "plain":
             extra = f"{r['micro_batches']} micro-batch(es)/step, no DeepSpeed, {r['torch_threads']} torch threads"
-        elif name == "torchrun":
+        elif base_arm(name) == "torchrun":
             extra = (f"{r['micro_batches']} micro-batch(es)/step (budget {r['micro_batch_tokens']} tokens), "
                      f"{r['processes']} processes (gloo), {r['torch_threads']} torch thread(s) each")
         else:
@@ -738,7 +764,7 @@ def main() -> None:
             extra += (f", {r['num_workers']} Ray Train worker(s), {r['torch_threads']} torch thread(s) each"
                       if "num_workers" in r
                       else f", 1 process, {r['torch_threads']} torch threads"
-                      + (", an idle Ray Train run beside it" if name == "beside_ray" else ""))
+                      + (", an idle Ray Train run beside it" if base_arm(name) == "beside_ray" else ""))
         extra += f", checkpoint every {r['checkpoint_every']} steps"
         print(f"{name:9s}: {r['tok_s']:8.0f} tok/s ({r['resp_tok_s']:.0f} response tok/s) in the median of "
               f"{len(rs)} run(s) {[round(x['tok_s']) for x in rs]}; {extra}")
@@ -748,7 +774,7 @@ def main() -> None:
         where = {"ray_train": "TorchTrainer.fit()", "single": "train_loop() call", "plain": "set-up + loop",
                  "beside_ray": "train_loop() call",
                  "torchrun": "rank 0's train_loop() call"}.get(
-            name, "model load + SFTTrainer set-up + train()")
+            base_arm(name), "model load + SFTTrainer set-up + train()")
         print(f"{'':9s}  loop {r['loop_s']:.1f} s for {r['steps']} steps; {where} {r['train_call_s']:.1f} s, so "
               f"start-up (+ export) outside the loop {r['startup_s']:.1f} s"
               + (f"; ray.init {r['ray_init_s']:.1f} s before it" if "ray_init_s" in r else "")
