@@ -251,19 +251,18 @@ def load_model_for_training(cfg: dict, model_path: str):
     return model
 
 
-def compile_decoder_layers(model) -> int:
+def compile_decoder_layers(model) -> None:
     """torch.compile each decoder layer in place (regional compilation): the layers share
-    one class, so one graph (with dynamic batch and sequence sizes) serves them all, and
-    compiling takes seconds per process instead of a whole model's minutes. In place, so
-    the state dict, checkpoints and the exported model keep their names. The fused
-    elementwise work (norms, rotary, SwiGLU) is the same arithmetic up to float rounding."""
+    one class, so one layer's graph (with dynamic batch and sequence sizes) serves them
+    all instead of a graph of the whole model. In place, so the state dict, checkpoints
+    and the exported model keep their names. The fused elementwise work (norms, rotary,
+    SwiGLU) is the same arithmetic up to float rounding."""
     layers = getattr(model.get_decoder(), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
         raise ValueError(f"train.compile: {type(model).__name__} has no list of decoder layers to compile "
                          f"(model.get_decoder().layers); set train.compile=false")
     for layer in layers:
         layer.compile(dynamic=True)
-    return len(layers)
 
 
 def build_engine(cfg: dict, model, total_steps: int):

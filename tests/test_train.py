@@ -273,7 +273,7 @@ def test_compiled_decoder_layers_give_the_eager_gradients_under_the_same_names(t
     layers = compiled.get_decoder().layers
     assert len(layers) >= 2 and all(layer._compiled_call_impl is not None for layer in layers)
     assert list(compiled.state_dict()) == list(eager.state_dict())
-    for shape in ((4, 48), (3, 61)):  # a second shape: dynamic sizes, not a graph per batch
+    for shape in ((4, 48), (3, 61)):  # another batch and length: the same compiled layers
         ids = torch.randint(3, 200, shape, generator=torch.Generator().manual_seed(1))
         (_, want), (_, got) = _saved_bytes_and_grads(eager, ids), _saved_bytes_and_grads(compiled, ids)
         for k, g in want.items():  # fused kernels round differently: tolerance on the gradient's own scale
