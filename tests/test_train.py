@@ -265,8 +265,8 @@ def test_the_loop_trains_in_train_mode_so_gradient_checkpointing_recomputes(toy_
 
 @pytest.mark.slow
 def test_compiled_decoder_layers_give_the_eager_gradients_under_the_same_names(toy_model):
-    """train.compile compiles each decoder layer in place: the same log-probs and gradients
-    as eager up to float rounding, and the same state-dict names (checkpoints, export)."""
+    """train.compile compiles each decoder layer in place: the same gradients as eager up
+    to float rounding, and the same state-dict names (checkpoints, export)."""
     from actors.train_loop import load_model_for_training
 
     eager, compiled = load_model_for_training({}, toy_model), load_model_for_training({"compile": True}, toy_model)

@@ -439,7 +439,7 @@ def arm_trl(args, model_dir: str) -> dict:
             "median_step_s": median([b - a for a, b in zip([0.0] + times, times)][args.skip:]),
             "startup_s": call_s - times[-1],
             "mean_loss": result.training_loss,
-            "loss_type": loss_type, "note": note, "trl_version": trl.__version__, "compiled": config.torch_compile,
+            "loss_type": loss_type, "note": note, "trl_version": trl.__version__,
             "torch_threads": torch.get_num_threads(), "checkpoint_every": loop_cfg["checkpoint_every"],
             "checkpoints_saved": sorted(p.name for p in Path(config.output_dir).glob("checkpoint-*")),
             "end_times": wall_ends, "step_tokens": all_tokens}
