@@ -15,6 +15,8 @@ TOY_PREFIX = "toy:"
 
 
 VERSION = 2  # 2: the sampler's stop tokens and skipped over-long prompts; summary counts skipped prompts
+# judged.parquet summarised, plus how the sampling went (times, resumed blocks): not hashed by the report.
+LOGS = ("summary.json",)
 # Engine settings of the sample section that eval uses too (they change eval's outputs).
 ENGINE_KEYS = ("max_model_len", "block_size", "gpus_per_engine", "num_engines", "gpu_memory_utilization", "kv_cache_gib",
                "stop")

@@ -47,21 +47,34 @@ def invalidate(store, stage: str, identity: str, reason: str) -> None:
                                             "reason": reason, "when": time.time()})
 
 
-def output_digest(records: dict, work_dir: str) -> str:
+def output_digest(records: dict, work_dir: str, logs: tuple[str, ...] = ()) -> str:
     """What dependents hash: file names relative to the stage's work dir and their
-    checksums, so the same bytes give the same digest whatever directory holds them."""
-    return fingerprint(sorted((rel[len(work_dir) + 1:] if rel.startswith(work_dir + "/") else rel, r["sha256"])
-                              for rel, r in records.items()))
+    checksums, so the same bytes give the same digest whatever directory holds them.
+    Files matching `logs` are left out (see `is_log`)."""
+    rels = ((rel[len(work_dir) + 1:] if rel.startswith(work_dir + "/") else rel, r["sha256"])
+            for rel, r in records.items())
+    return fingerprint(sorted((rel, sha) for rel, sha in rels if not is_log(rel, logs)))
+
+
+def is_log(rel: str, logs: tuple[str, ...]) -> bool:
+    """Whether `rel` (relative to the work dir) is one of a stage's logs: a name in `logs`,
+    or under a folder there written with a trailing "/". A log records how the run went
+    (wall-clock times, per-step metrics, a summary of the stage's other files): it differs
+    between two runs that write the same results, so hashing it would make dependents of a
+    forced rerun redo their work on identical data."""
+    return any(rel.startswith(entry) if entry.endswith("/") else rel == entry for entry in logs)
 
 
 def write_complete(store, stage: str, identity: str, version: int, params: dict, inputs: dict, external: dict,
-                   work_dir: str, files: list[str], stats: dict | None, started: float) -> dict:
-    """Checksum the stage's files, then publish the manifest (last, atomically)."""
+                   work_dir: str, files: list[str], stats: dict | None, started: float,
+                   logs: tuple[str, ...] = ()) -> dict:
+    """Checksum the stage's files (logs too: a changed log makes the stage broken), then
+    publish the manifest (last, atomically)."""
     records = {f: store.file_record(f) for f in files}
     manifest = {
         "stage": stage, "status": "complete", "identity": identity, "version": version, "params": params,
         "inputs": inputs, "external": external, "work_dir": work_dir, "files": records,
-        "output_digest": output_digest(records, work_dir),
+        "output_digest": output_digest(records, work_dir, logs),
         "rows": sum(r.get("rows", 0) for r in records.values()),
         "stats": stats or {}, "started": started, "finished": time.time(),
     }

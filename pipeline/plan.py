@@ -34,7 +34,7 @@ def build_stages(cfg: Config) -> list[Stage]:
         Stage("sample", sample_stage.VERSION, {"sample": cfg.sample, "model": cfg.model, "run.seed": seed},
               ["prompts"], sample_stage.run_sample, {"base_model": base}),
         Stage("verify", verify_stage.VERSION, {"verify": cfg.verify, "sample.n": cfg.sample.n},
-              ["prompts", "sample"], verify_stage.run_verify_stage),
+              ["prompts", "sample"], verify_stage.run_verify_stage, logs=verify_stage.LOGS),
     ]
     runs = cfg.train_runs()
     ref_sets: dict[str, set] = {}  # reference model ("base" or a run) -> the data kinds scored with it
@@ -101,7 +101,8 @@ def _train_stage(cfg: Config, run, base: dict) -> Stage:
     if run.init != "base":
         inputs.append(f"train/{run.init}")
     external = {"base_model": base} if run.init == "base" else {}
-    return Stage(f"train/{run.name}", train_stage.VERSION, config, inputs, train_stage.run_train, external)
+    return Stage(f"train/{run.name}", train_stage.VERSION, config, inputs, train_stage.run_train, external,
+                 logs=train_stage.LOGS)
 
 
 def _eval_stage(cfg: Config, model: str, bench: str, base: dict, later: list[str], after: list[str]) -> Stage:
@@ -118,4 +119,5 @@ def _eval_stage(cfg: Config, model: str, bench: str, base: dict, later: list[str
     def run(ctx):
         return eval_stage.run_eval_stage(ctx, later)
 
-    return Stage(f"eval/{model}/{bench}", eval_stage.VERSION, config, inputs, run, external, after)
+    return Stage(f"eval/{model}/{bench}", eval_stage.VERSION, config, inputs, run, external, after,
+                 logs=eval_stage.LOGS)

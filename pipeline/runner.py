@@ -70,6 +70,7 @@ class Stage:
     run: Callable[["StageContext"], tuple[list[str], dict]]  # -> (files written, stats)
     external: dict[str, dict] = field(default_factory=dict)  # name -> {"location": ..., "digest": ...}
     after: list[str] = field(default_factory=list)  # run after these (order only; not part of the identity)
+    logs: tuple[str, ...] = ()     # files (or "folder/") of the work dir not in the output digest: manifests.is_log
 
     def config_dump(self) -> dict:
         return {k: identity_value(k, v) for k, v in sorted(self.config.items()) if not _no_effect(k)}
@@ -265,7 +266,7 @@ class Runner:
         manifests.write_complete(self.store, s.name, ident, s.version, s.config_dump(),
                                  {i: upstream[i]["output_digest"] for i in s.inputs},
                                  {k: v["digest"] for k, v in s.external.items()},
-                                 ctx.work_dir, files, stats, start)
+                                 ctx.work_dir, files, stats, start, s.logs)
         with self._lock:
             self._memo.clear()
         self._drop_old_parts(s, ctx.work_dir)

@@ -14,6 +14,9 @@ from pipeline.ray_session import run_when_free, slot_resources, train_worker_res
 
 VERSION = 3  # 2: rows over max_len dropped and counted (not cut); gold solutions end with the end-of-turn token;
              # 3: fused AdamW (the same update up to float rounding)
+# The per-step history and its TensorBoard copy: step times differ between runs that train
+# the same model, so they stay out of what evaluations and the report hash (runner.Stage.logs).
+LOGS = ("metrics.jsonl", "tensorboard/")
 
 
 def check_not_empty(store, data_file: str, kind: str, verify_stats: dict | None) -> int:

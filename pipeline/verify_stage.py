@@ -12,6 +12,8 @@ from collections import defaultdict
 from actors.verifier import VERDICTS, verify_with_ray
 
 VERSION = 1
+# Counts of the data files plus the judging time: not hashed by the trainings (runner.Stage.logs).
+LOGS = ("stats.json",)
 
 # Only a confident "wrong" is a rejected answer; timeouts/errors say nothing about quality.
 REJECTABLE = ("incorrect", "no_answer")

@@ -156,3 +156,21 @@ def test_status_prints_the_stage_table(finished_run, capsys):
     states = {line.split()[0]: line.split()[1] for line in out[1:]}
     assert states["sample"] == "done" and states["eval/rft/toy_id"] == "done" and states["report"] == "done"
     assert main(["status", cfg.run.dir + "-nope"]) == 2
+
+
+def test_each_declared_log_names_files_the_stage_wrote(finished_run):
+    """Stage.logs leave a stage's wall-clock files out of its output digest (a forced rerun
+    that writes the same data keeps dependents cached). An entry that matches no file (a
+    renamed log) would silently put the timings back into the digest."""
+    from pipeline.manifests import is_log
+    from pipeline.plan import build_stages
+
+    cfg, store, _ = finished_run
+    stages = [s for s in build_stages(cfg) if s.logs]
+    assert {s.name.split("/")[0] for s in stages} == {"verify", "train", "eval"}
+    for s in stages:
+        man = read_manifest(store, s.name)
+        rels = [f[len(man["work_dir"]) + 1:] for f in man["files"]]
+        for entry in s.logs:
+            assert any(is_log(r, (entry,)) for r in rels), f"{s.name}: log {entry!r} matches none of {rels}"
+        assert not all(is_log(r, s.logs) for r in rels), f"{s.name}: every file is a log, nothing is hashed"

@@ -122,6 +122,11 @@ def test_killed_at_every_stage_boundary_the_rerun_equals_an_uninterrupted_run(un
     assert order(samples) == order(rows_of(ref, "sample", ".parquet"))
     stats = lambda s: manifests.read_manifest(s, "verify")["stats"]
     assert stats(store)["verdicts"] == stats(ref)["verdicts"]
+    # What dependents hash covers data, not logs: the same data after kills and reruns
+    # gives the same digests (verify's stats.json holds its judging time).
+    digest = lambda s, stage: manifests.read_manifest(s, stage)["output_digest"]
+    for stage in ("prompts", "sample", "verify"):
+        assert digest(store, stage) == digest(ref, stage), stage
     from transformers import AutoModelForCausalLM
 
     for objective in ("rft", "dpo"):
@@ -158,7 +163,12 @@ def test_a_killed_forced_rerun_never_leaves_a_done_stage_over_missing_files(unin
     assert ran == {"sample"}, ran
 
     # Forcing a training run, killed before its manifest: its evaluations and the report
-    # become stale; the rerun re-runs exactly the stages whose inputs' content changed.
+    # become stale; the rerun re-runs exactly the stages whose inputs' content changed:
+    # the evaluations only if the model's bytes did (its metrics file is a log, new anyway).
+    store = RunStore(str(run_dir))
+    model_bytes = lambda: {f[len(m["work_dir"]):]: r["sha256"] for m in [manifests.read_manifest(store, "train/rft")]
+                           for f, r in m["files"].items() if "/model/" in f}
+    before = model_bytes()
     run_to_kill(run_dir, "train/rft:end", "run", "--force", "train/rft")
     states = assert_done_means_intact(run_dir)
     assert states["train/rft"] == "missing"
@@ -166,8 +176,17 @@ def test_a_killed_forced_rerun_never_leaves_a_done_stage_over_missing_files(unin
     again = cli(run_dir, "run")
     assert again.returncode == 0, again.stderr[-3000:]
     ran = {s for s, o in stage_outcomes(again.stdout).items() if o == "ran"}
-    assert ran == {"train/rft", "eval/rft/toy_id", "eval/rft/toy_harder", "report"}, ran
+    dependents = {"eval/rft/toy_id", "eval/rft/toy_harder", "report"} if model_bytes() != before else set()
+    assert ran == {"train/rft"} | dependents, ran
     assert set(assert_done_means_intact(run_dir).values()) == {"done"}
+
+    # Forcing verify: math-verify judges the same samples the same way, so the same
+    # positives and pairs come out and no training re-runs (its stats.json, with the
+    # judging time, is a log: runner.Stage.logs).
+    again = cli(run_dir, "run", "--force", "verify")
+    assert again.returncode == 0, again.stderr[-3000:]
+    ran = {s for s, o in stage_outcomes(again.stdout).items() if o == "ran"}
+    assert ran == {"verify"}, ran
 
 
 def test_status_shows_broken_and_run_redoes_it(uninterrupted, tmp_path):

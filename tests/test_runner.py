@@ -72,6 +72,49 @@ def test_force_reruns_only_what_content_requires(tmp_path):
     assert calls == ["b", "c"]  # new bytes: c re-runs, d (other branch) does not
 
 
+def _logging_chain(calls, value):
+    """a writes `value()` and logs that differ on every run (a wall-clock stats file and a
+    folder of event files); b reads a's data."""
+    def run_a(ctx):
+        calls.append("a")
+        out = f"{ctx.work_dir}/out.parquet"
+        ctx.store.write_rows(out, [{"v": str(value())}])
+        logs = [f"{ctx.work_dir}/stats.json", f"{ctx.work_dir}/events/run-{time.time_ns()}"]
+        ctx.store.write_json(logs[0], {"seconds": time.time_ns()})
+        ctx.store.write_bytes(logs[1], str(time.time_ns()).encode())
+        return [out, *logs], {}
+    return [Stage("a", 1, {"x": 1}, [], run_a, logs=("stats.json", "events/")), _stage("b", ["a"], calls)]
+
+
+def test_a_forced_rerun_with_new_logs_but_the_same_data_leaves_dependents_done(tmp_path):
+    """Logs (Stage.logs) are checksummed but not hashed into the output digest: a forced
+    rerun writing the same data and new timings re-runs a only; new data re-runs b."""
+    store, calls = RunStore(str(tmp_path)), []
+    run_stages(store, _logging_chain(calls, lambda: 0), **QUIET)
+    first = manifests.read_manifest(store, "a")
+    calls.clear()
+    run_stages(store, _logging_chain(calls, lambda: 0), force={"a"}, **QUIET)
+    second = manifests.read_manifest(store, "a")
+    assert calls == ["a"]
+    stats = lambda m: next(r["sha256"] for f, r in m["files"].items() if f.endswith("stats.json"))
+    assert stats(first) != stats(second) and len(second["files"]) == 3  # the logs did change, and are recorded
+    assert first["output_digest"] == second["output_digest"]
+    calls.clear()
+    run_stages(store, _logging_chain(calls, lambda: 1), force={"a"}, **QUIET)
+    assert calls == ["a", "b"]
+    # A log is still part of the stage's files: losing it makes the stage broken.
+    log = next(f for f in manifests.read_manifest(store, "a")["files"] if "/events/" in f)
+    store.delete_file(log)
+    assert stage_states(store, _logging_chain([], lambda: 1))["a"][0] == "broken"
+
+
+def test_a_log_entry_matches_its_name_or_the_folder_it_names():
+    logs = ("stats.json", "tensorboard/")
+    assert manifests.is_log("stats.json", logs) and manifests.is_log("tensorboard/a/events.1", logs)
+    assert not manifests.is_log("model/stats.json", logs) and not manifests.is_log("tensorboard.json", logs)
+    assert not manifests.is_log("out.parquet", logs)
+
+
 def test_rerun_upstream_makes_dependents_stale_in_status(tmp_path):
     store, calls = RunStore(str(tmp_path)), []
     run_stages(store, _chain(calls, values={"b": lambda: 0}), **QUIET)
