@@ -51,9 +51,13 @@ def output_digest(records: dict, work_dir: str, logs: tuple[str, ...] = ()) -> s
     """What dependents hash: file names relative to the stage's work dir and their
     checksums, so the same bytes give the same digest whatever directory holds them.
     Files matching `logs` are left out (see `is_log`)."""
-    rels = ((rel[len(work_dir) + 1:] if rel.startswith(work_dir + "/") else rel, r["sha256"])
-            for rel, r in records.items())
+    rels = ((in_work_dir(rel, work_dir), r["sha256"]) for rel, r in records.items())
     return fingerprint(sorted((rel, sha) for rel, sha in rels if not is_log(rel, logs)))
+
+
+def in_work_dir(rel: str, work_dir: str) -> str:
+    """A stage file's name relative to its work dir (unchanged if it lies elsewhere)."""
+    return rel[len(work_dir) + 1:] if rel.startswith(work_dir + "/") else rel
 
 
 def is_log(rel: str, logs: tuple[str, ...]) -> bool:
